@@ -1,0 +1,70 @@
+"""Task dispatch behind `run_experiment.py`: run, plan, vectors, merge, report."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from .data import DatasetError
+from .hooks import LayerLookupError
+from .loading import LoadError, max_memory, parse_hardware, plan_device_map, torch_dtype
+from .results import ResultsError
+from .validate import ConfigError, validate_model, validate_static
+from .vectors import VectorError
+
+log = logging.getLogger("steersweep")
+
+# Errors that mean "the user asked for something impossible": one line, exit status 2.
+USER_ERRORS = (ConfigError, DatasetError, LayerLookupError, LoadError, ResultsError, VectorError)
+
+
+def plan(cfg: DictConfig) -> list:
+    """Print the device map the memory budget gives on each `memory.plan_hardware` shape."""
+    validate_static(cfg)
+    hf = validate_model(cfg, need_checkpoint=False)
+    dtype = torch_dtype(cfg.model.dtype) if cfg.model.dtype != "auto" else torch.bfloat16
+    plans = []
+    print(f"model {cfg.model.name}: {hf.num_hidden_layers} layers, hidden size {hf.hidden_size}, {cfg.model.dtype}")
+    print(f"budget: {cfg.memory.gpu_fraction:.0%} of each GPU, CPU spill {cfg.memory.cpu}")
+    for spec in cfg.memory.plan_hardware:
+        gpus, cpu = parse_hardware(spec)
+        budget = max_memory(cfg.memory, gpus)
+        if cpu is not None:
+            budget["cpu"] = cpu
+        elif "cpu" in budget:
+            budget.pop("cpu")  # stated hardware without a CPU part: GPUs only
+        p = plan_device_map(hf, budget, dtype, spec, cfg.model.device_map, cfg.model.trust_remote_code)
+        print(p.render())
+        plans.append(p)
+    return plans
+
+
+def run(cfg: DictConfig) -> dict | list | Path:
+    """Dispatch on `cfg.task`."""
+    if cfg.task == "plan":
+        return plan(cfg)
+    if cfg.task in ("merge", "report"):
+        from .results import RunFolder
+        from .sweep import run_folder
+
+        folder = RunFolder(cfg.run_dir) if cfg.run_dir else run_folder(cfg)
+        if cfg.task == "merge" or not (folder.path / "results.parquet").is_file():
+            df, path = folder.merge(csv=cfg.report.csv)
+            print(f"merged {len(df)} rows into {path}")
+            if cfg.task == "merge":
+                return path
+        from .report import write_report
+
+        path = write_report(folder.path, cfg.report)
+        print(f"report written to {path}")
+        return path
+    if cfg.task == "vectors":
+        from .sweep import compute_vectors_only
+
+        return compute_vectors_only(cfg)
+    from .sweep import run_sweep
+
+    return run_sweep(cfg)

@@ -1,0 +1,148 @@
+"""Typed configuration schemas, registered in Hydra's ConfigStore.
+
+The top-level `Config` types every group, so a misspelt key or a wrong type in any YAML file or
+command-line override fails when Hydra composes the config, before anything is queued or loaded.
+Checks that need more than types (layer ranges from the model's config.json, vector files that
+must exist...) live in `validate.py` and also run before any weight is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short name used in run ids and results
+    path: str | None = None  # hub id or local checkpoint folder; null = the embedded default model
+    config_json: str | None = None  # shipped config.json for `task=plan` without the checkpoint
+    dtype: str = "bfloat16"  # bfloat16 | float16 | float32 | auto (bf16 on GPU, fp32 on CPU)
+    device_map: str = "auto"  # auto | balanced | balanced_low_0 | sequential
+    quantization: str | None = None  # null | 8bit | 4bit (bitsandbytes, GPU only)
+    trust_remote_code: bool = False  # run code shipped with the checkpoint: only if you trust it
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2; null = default
+    layers_path: str | None = None  # dotted path to the decoder layer list if auto-detection fails
+    num_hidden_layers: int | None = None  # noted for humans; checked against config.json
+    recommended_layers: list[int] = field(default_factory=list)  # layers where steering tends to work
+
+
+@dataclass
+class MemoryConfig:
+    gpu_fraction: float = 0.90  # share of each GPU's total memory the weights may take
+    cpu: str = "auto"  # CPU spill budget: "auto" (90% of available RAM), "0", or a size like "150GiB"
+    disk_offload: bool = False  # allow spilling weights to disk (slow; last resort)
+    offload_folder: str | None = None  # where disk-offloaded weights go (required with disk_offload)
+    offload_state_dict: bool = False  # refused: it hangs 70B loads (field report 03); here to explain
+    load_timeout_s: float = 3600.0  # watchdog: dump all thread stacks and exit if loading runs longer
+    batch_timeout_s: float = 0.0  # watchdog per generate batch; 0 = off
+    plan_hardware: list[str] = field(  # hardware shapes `task=plan` prints device maps for
+        default_factory=lambda: ["8x80GiB", "4x80GiB", "2x80GiB+256GiB"]
+    )
+
+
+@dataclass
+class SteeringConfig:
+    layers: list[int] = field(default_factory=lambda: [10])  # decoder layers whose output is steered
+    alphas: list[float] = field(default_factory=lambda: [0.0, 4.0])  # coefficients on the vector
+    positions: str = "all"  # all = every position; generated = last prompt token onward
+    samples: int = 1  # completions per (layer, alpha, prompt); > 1 needs generation.do_sample
+
+
+@dataclass
+class VectorsConfig:
+    source: str = "compute"  # compute = mean difference from `dataset`; file = load `path`
+    path: str | None = None  # vector file: .safetensors, .pt (TransformerLens keys) or .gguf
+    dataset: str = "sentiment_pairs"  # shipped dataset name or a JSONL path with positive/negative
+    concept: str = "sentiment"  # name recorded in vector ids and results
+    position: int = -1  # token index whose residual is averaged (-1 = last token)
+    chat_template: bool = False  # wrap examples in the chat template before reading activations
+    normalize: bool = False  # rescale every vector to unit norm (alphas are then absolute norms)
+    batch_size: int = 16  # examples per forward pass while computing
+    save: bool = True  # write computed vectors into the run folder as safetensors
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 32  # tokens generated per completion
+    do_sample: bool = False  # false = greedy
+    temperature: float = 1.0  # sampling temperature (do_sample only)
+    top_p: float = 1.0  # nucleus sampling mass (do_sample only)
+    seed: int = 0  # base seed; each cell's sampling seed derives from it
+    batch_size: int = 0  # rows per generate call; 0 = sized from the memory budget
+    max_batch_size: int = 256  # cap for the automatic batch size
+    chat_template: str = "auto"  # auto = use the tokenizer's template when it has one; on; off
+    system_prompt: str | None = None  # system message for the chat template
+
+
+@dataclass
+class PromptsConfig:
+    dataset: str = "prompts_default"  # shipped dataset name or a JSONL path with id/prompt
+    limit: int | None = None  # use only the first N prompts
+
+
+@dataclass
+class JudgeConfig:
+    model_path: str = MISSING  # chat model that scores completions
+    rubric: str = (  # prompt; {prompt} and {completion} are filled in
+        "Rate how positive the sentiment of this reply is, from 1 (very negative) to 9 (very "
+        "positive). Reply with one digit.\nQuestion: {prompt}\nReply: {completion}\nRating:"
+    )
+    dtype: str = "bfloat16"  # dtype of the judge model
+
+
+@dataclass
+class EvalConfig:
+    metrics: list[str] = field(  # metrics computed per row while the model is loaded
+        default_factory=lambda: ["word_rate", "distinct", "perplexity", "behavior_prob"]
+    )
+    word_lists: str = "sentiment_words"  # JSON {"positive": [...], "negative": [...]}
+    behavior_dataset: str = "sentiment_continuations"  # two-choice items for behavior_prob
+    behavior_format: str = "continuation"  # continuation | ab
+    behavior_limit: int | None = None  # score only the first N items per cell
+    regex: dict[str, str] = field(default_factory=dict)  # name -> pattern; column regex_<name> counts
+    judge: JudgeConfig | None = None  # optional LLM judge (off when null)
+
+
+@dataclass
+class ReportConfig:
+    enabled: bool = True  # write tables and plots at the end of a run
+    objective: str = "behavior_prob"  # metric to maximise when naming the best cell
+    concept_metric: str = "word_rate_positive"  # concept metric for the summary
+    fluency_metric: str = "perplexity"  # metric that must stay within `max_fluency_increase`
+    max_fluency_increase: float = 0.5  # allowed relative rise of the fluency metric over alpha 0
+    csv: bool = False  # also write the merged table as CSV
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    steering: SteeringConfig = field(default_factory=SteeringConfig)
+    vectors: VectorsConfig = field(default_factory=VectorsConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    experiment: Any = None  # experiment presets write into the groups above (`# @package _global_`)
+    task: str = "run"  # run | plan | vectors | merge | report
+    run_dir: str | None = None  # results folder; reuse one to resume; null = results/<run_name>
+    run_name: str | None = None  # folder name under results_root; null = <model>-<concept>
+    results_root: str = "results"  # parent of run folders (relative to the project root)
+    shard_index: int | None = None  # this worker's share of the cells; null = SLURM_ARRAY_TASK_ID or 0
+    shard_count: int | None = None  # number of workers; null = SLURM_ARRAY_TASK_COUNT or 1
+    data_parallel: bool = False  # under torchrun: one replica per process, rank 0 writes
+    progress: bool = True  # progress bar over cells
+
+
+TASKS = ("run", "plan", "vectors", "merge", "report")
+
+
+def register_configs() -> None:
+    """Register the schema so `conf/config.yaml` can name it as `base_config` in its defaults."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)

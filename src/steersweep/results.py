@@ -1,0 +1,224 @@
+"""Tidy results: one Parquet row per completion, written part by part, atomically.
+
+A run folder holds:
+    manifest.json        resolved config, git commit, package versions, device map, vectors
+    parts/*.parquet      one file per finished batch (written as .tmp, fsynced, then renamed)
+    results.parquet      the merged table (merge step; rebuilt from the parts at any time)
+Readers only ever see whole part files, so a job killed at any moment leaves either a complete
+part or none; resume reads the cell ids of the parts present and skips them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+# Fixed columns; metric columns (float64) are appended after these.
+SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("cell_id", pa.string()),
+        ("model", pa.string()),
+        ("layer", pa.int32()),
+        ("hook_name", pa.string()),
+        ("alpha", pa.float64()),
+        ("alpha_rel", pa.float64()),
+        ("vector_id", pa.string()),
+        ("vector_norm", pa.float64()),
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("sample", pa.int32()),
+        ("seed", pa.int64()),
+        ("completion", pa.string()),
+        ("n_new_tokens", pa.int32()),
+        ("stop_reason", pa.string()),
+        ("seconds", pa.float64()),
+        ("worker", pa.string()),
+    ]
+)
+FIXED = [f.name for f in SCHEMA]
+# Keys whose values never reach a manifest or log (tokens, passwords).
+SECRET_HINTS = ("token", "secret", "password", "api_key", "apikey")
+
+
+class ResultsError(RuntimeError):
+    """The results folder cannot be used."""
+
+
+def table_from_rows(rows: list[dict]) -> pa.Table:
+    """Rows -> Arrow table with the fixed schema first and metric columns as float64."""
+    metric_cols = sorted({k for r in rows for k in r} - set(FIXED))
+    fields = list(SCHEMA) + [pa.field(c, pa.float64()) for c in metric_cols]
+    cols = {f.name: [r.get(f.name) for r in rows] for f in fields}
+    return pa.table(cols, schema=pa.schema(fields))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Write through `write(tmp_path)`, fsync, then rename into place; remove the tmp on failure."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+class RunFolder:
+    """A run's results folder: parts, manifest, merge."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.parts = self.path / "parts"
+
+    def create(self) -> None:
+        try:
+            self.parts.mkdir(parents=True, exist_ok=True)
+            probe = self.parts / f".probe-{uuid.uuid4().hex[:8]}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ResultsError(
+                f"results folder {self.path} is not writable ({e.strerror}): choose another run_dir or results_root"
+            ) from None
+
+    # -- parts -----------------------------------------------------------------------------
+    def write_part(self, rows: list[dict], worker: str) -> Path:
+        """Write one finished chunk of rows as a new part file, atomically."""
+        name = f"part-{worker}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
+        path = self.parts / name
+        table = table_from_rows(rows)
+        atomic_write_bytes(path, lambda tmp: pq.write_table(table, tmp))
+        return path
+
+    def part_files(self) -> list[Path]:
+        return sorted(p for p in self.parts.glob("part-*.parquet")) if self.parts.is_dir() else []
+
+    def read_parts(self, columns: list[str] | None = None) -> tuple[list[pd.DataFrame], list[Path]]:
+        """Every readable part; unreadable ones (half-written by a crashed writer) are reported."""
+        frames, bad = [], []
+        for p in self.part_files():
+            try:
+                frames.append(pq.read_table(p, columns=columns).to_pandas())
+            except Exception:  # a truncated or foreign file: skip, never crash the merge
+                bad.append(p)
+        for p in bad:
+            log.warning("skipping unreadable part file %s (half-written or corrupt)", p)
+        return frames, bad
+
+    def done_cells(self) -> set[str]:
+        frames, _ = self.read_parts(columns=["cell_id"])
+        return set().union(*(set(f["cell_id"]) for f in frames)) if frames else set()
+
+    def merge(self, csv: bool = False) -> tuple[pd.DataFrame, Path]:
+        """Concatenate all parts into results.parquet: one row per cell id, sorted."""
+        frames, bad = self.read_parts()
+        if not frames:
+            raise ResultsError(f"no readable part files under {self.parts}: nothing to merge")
+        df = pd.concat(frames, ignore_index=True)
+        n = len(df)
+        df = df.drop_duplicates("cell_id", keep="first")
+        if len(df) < n:
+            log.warning("merge dropped %d duplicate rows (same cell written twice)", n - len(df))
+        df = df.sort_values(["layer", "alpha", "prompt_id", "sample"], kind="stable").reset_index(drop=True)
+        out = self.path / "results.parquet"
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        atomic_write_bytes(out, lambda tmp: pq.write_table(table, tmp))
+        if csv:
+            atomic_write_bytes(self.path / "results.csv", lambda tmp: df.to_csv(tmp, index=False))
+        if bad:
+            log.warning("merge skipped %d unreadable part file(s)", len(bad))
+        return df, out
+
+    # -- manifest ----------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    def read_manifest(self) -> dict | None:
+        if not self.manifest_path.is_file():
+            return None
+        return json.loads(self.manifest_path.read_text())
+
+    def write_manifest(self, manifest: dict) -> None:
+        text = json.dumps(scrub(manifest), indent=2, sort_keys=True, default=str)
+        atomic_write_bytes(self.manifest_path, lambda tmp: Path(tmp).write_text(text))
+
+
+def scrub(obj):
+    """Drop values under secret-looking keys, recursively (HF_TOKEN never reaches a manifest)."""
+    if isinstance(obj, dict):
+        return {
+            k: ("<redacted>" if any(h in str(k).lower() for h in SECRET_HINTS) else scrub(v)) for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [scrub(v) for v in obj]
+    return obj
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True,
+            timeout=10,
+        )  # fmt: skip
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions(names: Iterable[str] = (
+    "torch", "transformers", "accelerate", "hydra-core", "omegaconf", "submitit", "pandas", "pyarrow",
+    "safetensors", "numpy",
+)) -> dict[str, str]:  # fmt: skip
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for n in names:
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def host_info() -> dict:
+    import torch
+
+    return {
+        "hostname": socket.gethostname(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "cpu_count": os.cpu_count(),
+    }

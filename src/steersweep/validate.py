@@ -1,0 +1,135 @@
+"""Checks that run before any weight is read: each failure is one line that says what to do."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from omegaconf import DictConfig
+
+from . import data
+from .config import TASKS
+from .loading import DTYPES, LoadError, parse_size, read_model_config
+from .metrics import METRICS
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """The configuration asks for something impossible; the message says how to fix it."""
+
+
+def check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate_static(cfg: DictConfig) -> None:
+    """Checks on the config alone (no files, no model)."""
+    check(cfg.task in TASKS, f"task={cfg.task} is unknown: use one of {', '.join(TASKS)}")
+    m, mem, st, gen, vec = cfg.model, cfg.memory, cfg.steering, cfg.generation, cfg.vectors
+    check(
+        not mem.offload_state_dict,
+        "memory.offload_state_dict=true is refused: it makes large loads hang (field report 03) and "
+        "transformers 5 ignores it; remove it, device_map=auto with max_memory already spills to CPU",
+    )
+    check(0 < mem.gpu_fraction <= 1, f"memory.gpu_fraction={mem.gpu_fraction} must be in (0, 1], e.g. 0.9")
+    check(
+        not mem.disk_offload or bool(mem.offload_folder),
+        "memory.disk_offload=true needs memory.offload_folder=<a folder on fast local disk>",
+    )
+    if str(mem.cpu).lower() != "auto":
+        try:
+            parse_size(mem.cpu)
+        except LoadError as e:
+            raise ConfigError(f"memory.cpu: {e}") from None
+    check(m.dtype in DTYPES, f"model.dtype={m.dtype} is unknown: use one of {', '.join(DTYPES)}")
+    check(
+        m.device_map in ("auto", "balanced", "balanced_low_0", "sequential"),
+        f"model.device_map={m.device_map} is unknown: use auto, balanced, balanced_low_0 or sequential",
+    )
+    check(m.quantization in (None, "8bit", "4bit"), f"model.quantization={m.quantization}: use null, 8bit or 4bit")
+    if cfg.task == "run":
+        check(
+            m.quantization is None or torch.cuda.is_available(),
+            "model.quantization needs a CUDA GPU (bitsandbytes); set model.quantization=null on CPU",
+        )
+    check(len(st.layers) > 0, "steering.layers is empty: give at least one layer, e.g. 'steering.layers=[10]'")
+    check(len(st.alphas) > 0, "steering.alphas is empty: give at least one alpha, e.g. 'steering.alphas=[0,4]'")
+    for a in st.alphas:
+        check(math.isfinite(a), f"steering.alphas contains {a}: alphas must be finite numbers")
+    check(len(set(st.layers)) == len(st.layers), f"steering.layers={list(st.layers)} repeats a layer")
+    check(len(set(st.alphas)) == len(st.alphas), f"steering.alphas={list(st.alphas)} repeats an alpha")
+    check(st.positions in ("all", "generated"), f"steering.positions={st.positions}: use all or generated")
+    check(st.samples >= 1, f"steering.samples={st.samples} must be >= 1")
+    check(
+        st.samples == 1 or gen.do_sample,
+        f"steering.samples={st.samples} with greedy decoding repeats identical completions: "
+        "set generation.do_sample=true or steering.samples=1",
+    )
+    check(gen.max_new_tokens > 0, f"generation.max_new_tokens={gen.max_new_tokens} must be > 0")
+    check(gen.temperature > 0, f"generation.temperature={gen.temperature} must be > 0")
+    check(0 < gen.top_p <= 1, f"generation.top_p={gen.top_p} must be in (0, 1]")
+    check(gen.batch_size >= 0, f"generation.batch_size={gen.batch_size}: use 0 (automatic) or a positive number")
+    check(gen.chat_template in ("auto", "on", "off"), f"generation.chat_template={gen.chat_template}: auto, on or off")
+    check(vec.source in ("compute", "file"), f"vectors.source={vec.source}: use compute or file")
+    check(vec.source != "file" or bool(vec.path), "vectors.source=file needs vectors.path=<.safetensors, .pt or .gguf>")
+    check(vec.batch_size > 0, f"vectors.batch_size={vec.batch_size} must be > 0")
+    unknown = [x for x in cfg.eval.metrics if x not in METRICS]
+    check(not unknown, f"eval.metrics has unknown {unknown}: choose from {', '.join(METRICS)}")
+    check(
+        cfg.eval.behavior_format in ("continuation", "ab"),
+        f"eval.behavior_format={cfg.eval.behavior_format}: use continuation or ab",
+    )
+    if cfg.shard_count is not None:
+        check(cfg.shard_count >= 1, f"shard_count={cfg.shard_count} must be >= 1")
+        check(
+            cfg.shard_index is not None and 0 <= cfg.shard_index < cfg.shard_count,
+            f"shard_index={cfg.shard_index} must be in [0, shard_count={cfg.shard_count})",
+        )
+
+
+def validate_model(cfg: DictConfig, need_checkpoint: bool = True):
+    """Read config.json (never weights) and check layers against it. Returns the HF config."""
+    try:
+        hf = read_model_config(cfg.model, need_checkpoint=need_checkpoint)
+    except (LoadError, OSError, ValueError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    n = hf.num_hidden_layers
+    if cfg.model.num_hidden_layers is not None and cfg.model.num_hidden_layers != n:
+        log.warning(
+            "model.num_hidden_layers=%s but the checkpoint's config.json says %s; using %s",
+            cfg.model.num_hidden_layers, n, n,
+        )  # fmt: skip
+    bad = [layer for layer in cfg.steering.layers if not 0 <= layer < n]
+    check(not bad, f"steering.layers {bad} out of range: {cfg.model.name} has {n} layers (0..{n - 1})")
+    return hf
+
+
+def validate_inputs(cfg: DictConfig, hf) -> dict:
+    """Load the small inputs (datasets, vector files) and check them against the model config."""
+    out: dict = {}
+    try:
+        out["prompts"] = data.load_prompts(cfg.prompts.dataset, cfg.prompts.limit)
+        if cfg.vectors.source == "compute":
+            out["pairs"] = data.load_jsonl(cfg.vectors.dataset, ("positive", "negative"))
+        if "word_rate" in cfg.eval.metrics:
+            out["word_lists"] = data.load_word_lists(cfg.eval.word_lists)
+        if "behavior_prob" in cfg.eval.metrics:
+            keys = ("prefix", "positive", "negative") if cfg.eval.behavior_format == "continuation" else (
+                "question", "A", "B", "positive")  # fmt: skip
+            items = data.load_jsonl(cfg.eval.behavior_dataset, keys)
+            out["behavior_items"] = items[: cfg.eval.behavior_limit] if cfg.eval.behavior_limit else items
+    except data.DatasetError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.vectors.source == "file":
+        from .vectors import VectorError, load
+
+        try:
+            vs = load(cfg.vectors.path, None)
+            vs.validate(hf.hidden_size, hf.num_hidden_layers, list(cfg.steering.layers))
+        except VectorError as e:
+            raise ConfigError(str(e)) from None
+        out["vectors"] = vs
+    return out

@@ -1,0 +1,260 @@
+"""Steering vectors: compute them (contrastive activation addition), save, load, validate.
+
+A vector for layer L lives in the residual stream *after* decoder layer L (TransformerLens
+`blocks.L.hook_resid_post`, which is also `blocks.{L+1}.hook_resid_pre`). Vectors are kept in
+float32 on the CPU; the steering hook casts them to each activation's device and dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .hooks import record
+
+
+class VectorError(ValueError):
+    """A vector file or vector set is unusable."""
+
+
+@dataclass
+class VectorSet:
+    """One concept's steering vectors, one per layer."""
+
+    vectors: dict[int, torch.Tensor]  # layer -> float32 [hidden]
+    concept: str = "concept"
+    meta: dict[str, str] = field(default_factory=dict)  # model, position, n_pairs, source...
+    resid_norms: dict[int, float] = field(default_factory=dict)  # mean |h| at each layer
+
+    def norm(self, layer: int) -> float:
+        return float(self.vectors[layer].norm())
+
+    def sha256(self, layer: int) -> str:
+        return hashlib.sha256(self.vectors[layer].float().contiguous().numpy().tobytes()).hexdigest()
+
+    def vector_id(self, layer: int) -> str:
+        """Stable id: concept, layer and the first 12 hex digits of the tensor's hash."""
+        return f"{self.concept}-L{layer}-{self.sha256(layer)[:12]}"
+
+    def validate(self, hidden_size: int, num_layers: int, layers: Sequence[int] = ()) -> None:
+        """Refuse wrong widths, NaN/Inf, out-of-range layers and missing requested layers."""
+        for layer, v in self.vectors.items():
+            if not 0 <= layer < num_layers:
+                raise VectorError(
+                    f"vector for layer {layer} but the model has {num_layers} layers (0..{num_layers - 1})"
+                )
+            if v.ndim != 1 or v.numel() != hidden_size:
+                raise VectorError(
+                    f"vector for layer {layer} has shape {tuple(v.shape)} but the model's hidden size "
+                    f"is {hidden_size}: use vectors computed for this model"
+                )
+            if not torch.isfinite(v).all():
+                raise VectorError(f"vector for layer {layer} contains NaN or Inf: recompute or fix the file")
+        missing = sorted(set(layers) - set(self.vectors))
+        if missing:
+            raise VectorError(
+                f"no vector for layer(s) {missing}; the file has layers {sorted(self.vectors)}: "
+                "change steering.layers or use vectors.source=compute"
+            )
+
+    def normalized(self) -> VectorSet:
+        vecs = {layer: v / v.norm().clamp_min(1e-12) for layer, v in self.vectors.items()}
+        return VectorSet(
+            vecs,
+            self.concept,
+            {**self.meta, "normalized": "true"},
+            dict(self.resid_norms),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Compute
+
+
+def _batches(items: Sequence[str], size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+@torch.inference_mode()
+def mean_activation(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    position: int = -1,
+    batch_size: int = 16,
+    layers_path: str | None = None,
+) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
+    """Mean residual stream after each layer at token `position` over `texts` (left padded).
+
+    Returns:
+        ({layer: mean vector float32 [H]}, {layer: mean norm of those activations}).
+    """
+    sums = {layer: None for layer in layers}
+    norm_sums = {layer: 0.0 for layer in layers}
+    n = 0
+    device = model.get_input_embeddings().weight.device
+    for chunk in _batches(list(texts), batch_size):
+        enc = tokenizer(list(chunk), return_tensors="pt", padding=True, padding_side="left")
+        lengths = enc["attention_mask"].sum(1)
+        if position < 0 and (lengths < -position).any() or position >= 0 and (lengths <= position).any():
+            raise VectorError(f"an example is shorter than token position {position}: change vectors.position")
+        if position >= 0:  # count from the first real token of each left-padded row
+            idx = enc["input_ids"].shape[1] - lengths + position
+        else:
+            idx = torch.full_like(lengths, enc["input_ids"].shape[1] + position)
+        with record(model, layers, layers_path) as store:
+            model(**{k: v.to(device) for k, v in enc.items()})
+        rows = torch.arange(len(chunk))
+        for layer in layers:
+            h = store[layer][0].float().cpu()[rows, idx]  # [b, H]
+            sums[layer] = h.sum(0) if sums[layer] is None else sums[layer] + h.sum(0)
+            norm_sums[layer] += float(h.norm(dim=-1).sum())
+        n += len(chunk)
+    return {layer: s / n for layer, s in sums.items()}, {layer: norm_sums[layer] / n for layer in layers}
+
+
+def compute_caa(
+    model,
+    tokenizer,
+    pairs: Sequence[dict],
+    layers: Sequence[int],
+    concept: str,
+    position: int = -1,
+    batch_size: int = 16,
+    chat_template: bool = False,
+    layers_path: str | None = None,
+    model_name: str = "",
+) -> VectorSet:
+    """Contrastive activation addition: mean(positive) - mean(negative) per layer.
+
+    Args:
+        pairs: dicts with "positive" and "negative" texts.
+        position: token index read in each example (-1 = last token).
+        chat_template: wrap each text as a user message in the tokenizer's chat template.
+    """
+    if not pairs:
+        raise VectorError("the contrastive dataset is empty: give at least one positive/negative pair")
+
+    def fmt(text: str) -> str:
+        if not chat_template:
+            return text
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
+
+    pos = [fmt(p["positive"]) for p in pairs]
+    neg = [fmt(p["negative"]) for p in pairs]
+    mp, np_ = mean_activation(model, tokenizer, pos, layers, position, batch_size, layers_path)
+    mn, nn_ = mean_activation(model, tokenizer, neg, layers, position, batch_size, layers_path)
+    vecs = {layer: (mp[layer] - mn[layer]).contiguous() for layer in layers}
+    meta = {
+        "model": model_name,
+        "concept": concept,
+        "method": "caa_mean_difference",
+        "position": str(position),
+        "n_pairs": str(len(pairs)),
+        "chat_template": str(bool(chat_template)).lower(),
+    }
+    norms = {layer: (np_[layer] + nn_[layer]) / 2 for layer in layers}
+    return VectorSet(vecs, concept, meta, norms)
+
+
+# ---------------------------------------------------------------------------------------------
+# Save / load
+
+
+def save(vs: VectorSet, path: str | Path) -> Path:
+    """Write a VectorSet as safetensors (`layer.{L}` tensors; metadata as JSON strings)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(vs.meta)
+    meta["concept"] = vs.concept
+    meta["format"] = "steersweep.vectors.v1"
+    meta["norms"] = json.dumps({str(k): vs.norm(k) for k in vs.vectors})
+    meta["resid_norms"] = json.dumps({str(k): v for k, v in vs.resid_norms.items()})
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(
+        {f"layer.{k}": v.float().contiguous() for k, v in vs.vectors.items()},
+        str(tmp),
+        metadata=meta,
+    )
+    tmp.replace(path)
+    return path
+
+
+_TL_KEY = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
+
+
+def _layer_of(key: str) -> int:
+    """Map a tensor name to the layer whose output it lives after."""
+    m = _TL_KEY.match(key)
+    if m:
+        layer = int(m.group(1))
+        # resid_pre of block L is the output of block L-1.
+        return layer if m.group(2) == "post" else layer - 1
+    for prefix in ("layer.", "direction."):  # ours; llama.cpp control vectors
+        if key.startswith(prefix) and key[len(prefix) :].isdigit():
+            return int(key[len(prefix) :])
+    if key.isdigit():
+        return int(key)
+    raise VectorError(
+        f"unrecognised vector key {key!r}: expected layer.N, blocks.N.hook_resid_post, "
+        "blocks.N.hook_resid_pre, direction.N or N"
+    )
+
+
+def load(path: str | Path, concept: str | None = None) -> VectorSet:
+    """Load vectors from .safetensors (ours or `direction.N`), .pt/.pth (weights_only) or .gguf."""
+    path = Path(path)
+    if not path.is_file():
+        raise VectorError(f"vector file not found: {path} (set vectors.path to an existing file)")
+    suffix = path.suffix.lower()
+    meta: dict[str, str] = {}
+    if suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                raw = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # truncated or not a safetensors file
+            raise VectorError(f"cannot read safetensors file {path}: {e}; re-save or re-download it") from None
+    elif suffix in (".pt", ".pth"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickles with code are refused by weights_only=True
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise VectorError(
+                f"refused to load {path} with weights_only=True ({first}); save plain tensors in a dict "
+                "or use safetensors"
+            ) from None
+        if not isinstance(obj, dict):
+            raise VectorError(f"{path} holds a {type(obj).__name__}; expected a dict of hook name -> tensor")
+        raw = {str(k): v for k, v in obj.items()}
+    elif suffix == ".gguf":
+        from .exchange import read_control_vector
+
+        raw, meta = read_control_vector(path)
+    else:
+        raise VectorError(f"unsupported vector file type {suffix!r}: use .safetensors, .pt or .gguf")
+    vecs: dict[int, torch.Tensor] = {}
+    for key, t in raw.items():
+        if not isinstance(t, torch.Tensor):
+            raise VectorError(f"{path}: entry {key!r} is not a tensor")
+        layer = _layer_of(key)
+        if layer < 0:
+            raise VectorError(f"{path}: {key} is the model input (before layer 0); it cannot be steered here")
+        vecs[layer] = t.detach().float().reshape(-1) if t.ndim > 1 and t.shape[0] == 1 else t.detach().float()
+    if not vecs:
+        raise VectorError(f"{path} contains no vectors")
+    resid = {int(k): float(v) for k, v in json.loads(meta.get("resid_norms", "{}")).items()}
+    name = concept or meta.get("concept") or path.stem
+    meta = {k: v for k, v in meta.items() if k not in ("norms", "resid_norms")}
+    meta["source_file"] = str(path)
+    return VectorSet(vecs, name, meta, resid)
