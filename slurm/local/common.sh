@@ -106,7 +106,17 @@ sl_health_munged() {
     munge -n -S "$SL_MUNGE_SOCKET" </dev/null 2>/dev/null | unmunge -S "$SL_MUNGE_SOCKET" >/dev/null 2>&1
 }
 sl_health_mariadbd() {
-    mariadb-admin --no-defaults --socket="$SL_LINK/mysql/mysqld.sock" --connect-timeout=2 ping >/dev/null 2>&1
+    local sock="$SL_LINK/mysql/mysqld.sock"
+    if [[ -S "$sock" ]]; then
+        mariadb-admin --no-defaults --socket="$sock" --connect-timeout=2 ping >/dev/null 2>&1
+    elif [[ "$(id -u)" -ne 0 ]]; then
+        # Non-root cannot reach the socket (mysql/ is 0750): ping over TCP;
+        # "access denied" still counts as alive for `ping`.
+        mariadb-admin --no-defaults --protocol=tcp --host=127.0.0.1 --port="$SL_DB_PORT" \
+            --user=slurm-local-ping --connect-timeout=2 ping >/dev/null 2>&1
+    else
+        return 1
+    fi
 }
 sl_health_slurmdbd() {
     timeout 10 sacctmgr -n -P list cluster format=cluster >/dev/null 2>&1

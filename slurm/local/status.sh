@@ -26,12 +26,11 @@ for name in "${SL_DAEMONS[@]}"; do
     fi
     if "sl_health_$name"; then
         health="up"
-    elif [[ -n "$owner" ]]; then
-        health="RUNNING BUT UNHEALTHY"
-        usable=0
     else
-        health="down"
-        usable=0
+        if [[ -n "$owner" ]]; then health="RUNNING BUT UNHEALTHY"; else health="down"; fi
+        # MariaDB is only reached through slurmdbd: the slurmdbd/sacct checks
+        # decide (a cluster from another state dir may be serving).
+        [[ "$name" == mariadbd ]] && health="$health (for this state dir)" || usable=0
     fi
     printf '%-10s %s%s\n' "$name" "$health" "${owner:+ ($owner)}"
 done

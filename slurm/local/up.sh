@@ -2,6 +2,7 @@
 # Bring up the local single-node Slurm test cluster (idempotent).
 # See slurm/local/README.md.  Needs root.
 set -Eeuo pipefail
+# shellcheck disable=SC2034  # pidfile_*/log_* are read indirectly by ensure()
 
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -62,7 +63,8 @@ fi
 mkdir -p "$SL_STATE/run" "$SL_STATE/spool/slurmctld" "$SL_STATE/spool/slurmd" "$SL_STATE/mysql"
 chown slurm:slurm "$SL_LOGS" "$SL_STATE/run" "$SL_STATE/spool/slurmctld"
 chmod 755 "$SL_LOGS" "$SL_STATE/run" "$SL_STATE/etc"
-chmod 700 "$SL_STATE/spool/slurmctld" "$SL_PIDS"
+chmod 700 "$SL_STATE/spool/slurmctld"
+chmod 755 "$SL_PIDS"
 chown mysql:mysql "$SL_STATE/mysql"
 chmod 750 "$SL_STATE/mysql"
 if [[ "$(readlink "$SL_LINK" 2>/dev/null || true)" != "$SL_STATE_REAL" ]]; then
@@ -76,7 +78,8 @@ setpriv --reuid=mysql --regid=mysql --init-groups test -w "$L/mysql/" ||
     sl_die "user 'mysql' cannot write into $SL_STATE/mysql (a parent dir is not world-traversable?); set SLURM_LOCAL_DIR elsewhere"
 
 # ----------------------------------------------------------------- configs ----
-# install_if_changed TMPFILE DEST OWNER MODE -> prints "changed" if DEST changed
+# install_if_changed TMPFILE DEST OWNER MODE -> prints "changed" if an existing
+# DEST was changed ("new" if it did not exist, nothing if unchanged).
 install_if_changed() {
     local tmp="$1" dst="$2" owner="$3" mode="$4"
     if [[ -f "$dst" ]] && cmp -s "$tmp" "$dst"; then
@@ -87,8 +90,8 @@ install_if_changed() {
     fi
     chown "$owner" "$tmp"
     chmod "$mode" "$tmp"
+    if [[ -f "$dst" ]]; then echo changed; else echo new; fi
     mv -f "$tmp" "$dst"
-    echo changed
 }
 
 [[ "$SL_CPUS" =~ ^([0-9]+|auto)$ ]] || sl_die "SLURM_LOCAL_CPUS must be a number or 'auto' (got '$SL_CPUS')"
@@ -230,9 +233,9 @@ restart_if_ours() {
         fi
     done
 }
-[[ -n "$slurm_conf_changed" ]] && restart_if_ours slurmd slurmctld
-[[ -n "$dbd_conf_changed" ]] && restart_if_ours slurmdbd
-[[ -n "$mycnf_changed" ]] && restart_if_ours mariadbd
+[[ "$slurm_conf_changed" == changed ]] && restart_if_ours slurmd slurmctld
+[[ "$dbd_conf_changed" == changed ]] && restart_if_ours slurmdbd
+[[ "$mycnf_changed" == changed ]] && restart_if_ours mariadbd
 
 # ----------------------------------------------------------------- daemons ----
 # wait_for CHECK TIMEOUT_S: poll CHECK every 0.1 s.
@@ -240,6 +243,21 @@ wait_for() {
     local check="$1" tmo="$2" i
     for ((i = 0; i < tmo * 10; i++)); do
         "$check" && return 0
+        sleep 0.1
+    done
+    "$check"
+}
+
+# wait_started NAME CHECK TIMEOUT_S: like wait_for, but gives up early (status 2)
+# once no process called NAME is left (the daemon died during startup).
+wait_started() {
+    local name="$1" check="$2" tmo="$3" i
+    for ((i = 0; i < tmo * 10; i++)); do
+        "$check" && return 0
+        if ((i >= 20 && i % 10 == 0)) && ! sl_any_pid "$name" >/dev/null; then
+            "$check" && return 0
+            return 2
+        fi
         sleep 0.1
     done
     "$check"
@@ -342,8 +360,13 @@ ensure() {
     "start_$name"
     pf="pidfile_$name"
     log="log_$name"
-    wait_for "$check" "$tmo" ||
+    local rc=0
+    wait_started "$name" "$check" "$tmo" || rc=$?
+    if [[ "$rc" -eq 2 ]]; then
+        fail_with_log "$name" "${!log}" "$name exited during startup (log: ${!log})"
+    elif [[ "$rc" -ne 0 ]]; then
         fail_with_log "$name" "${!log}" "$name did not become healthy within ${tmo}s (log: ${!log})"
+    fi
     pid=""
     if [[ -f "${!pf}" ]]; then
         pid="$(tr -dc '0-9' <"${!pf}")"
@@ -359,7 +382,13 @@ ensure() {
 ensure munged 15
 dbd_was_up=0
 sl_health_slurmdbd && dbd_was_up=1
-ensure mariadbd 60
+if [[ "$dbd_was_up" -eq 1 ]] && ! sl_health_mariadbd; then
+    # slurmdbd answers on 127.0.0.1:6819 although this state dir's MariaDB is
+    # not running: a cluster from another state dir is serving.  Reuse it.
+    sl_msg "mariadbd: not running for this state dir, but a slurmdbd answers (cluster from another SLURM_LOCAL_DIR?); reusing it"
+else
+    ensure mariadbd 60
+fi
 
 if [[ "$dbd_was_up" -eq 0 ]]; then
     mariadb --no-defaults --socket="$L/mysql/mysqld.sock" -u root <<EOF || sl_die "could not create the slurm_acct_db database/user in MariaDB"

@@ -215,6 +215,8 @@ def plan_device_map(
     )
 
     model = empty_model(config, trust_remote_code)
+    # Planning for GPUs this machine lacks is the point here: silence "Device N is not available".
+    logging.getLogger("accelerate.utils.modeling").setLevel(logging.ERROR)
     no_split = sorted(getattr(model, "_no_split_modules", None) or [])
     budget = dict(budget)
     if strategy in ("auto", "balanced", "balanced_low_0") and sum(isinstance(k, int) for k in budget) > 1:

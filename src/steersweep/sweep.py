@@ -247,7 +247,6 @@ def generate_cells(
     worker = f"s{shard_tag(cfg)}" + (f"r{dist.rank}" if dist.world > 1 else "")
     bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not cfg.progress or not dist.is_main)
     written = 0
-    tracker = {"rows": []}
 
     def run_batch(chunk: list[Cell]):
         steering = [(c.layer, c.alpha, vs.vectors[c.layer]) for c in chunk]

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random Llamas (fast) and the real embedded model (slow)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def tiny_llama(layers: int = 4, hidden: int = 32, vocab: int = 49152, seed: int = 0, dtype=torch.float32):
+    """An untrained Llama small enough for exact identities in milliseconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    model.generation_config.pad_token_id = 2
+    return model
+
+
+@pytest.fixture
+def tiny():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    from steersweep.embedded import DEFAULT_MODEL_DIR, prepare
+
+    return prepare(DEFAULT_MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_dir):
+    """The embedded model's real tokenizer (its files are local after `make setup`)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(embedded_dir)
+    tok.padding_side = "left"
+    return tok
+
+
+@pytest.fixture(scope="session")
+def real_model(embedded_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32).eval()

@@ -1,0 +1,89 @@
+"""Every config composes; typos fail at compose time; impossible values fail before loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from steersweep.config import register_configs
+from steersweep.validate import ConfigError, validate_static
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+register_configs()
+
+
+def make(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def group_options():
+    for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "local")):
+        for f in sorted(group.glob("*.yaml")):
+            yield f"{group.name}={f.stem}"
+
+
+@pytest.mark.parametrize("override", list(group_options()))
+def test_every_config_composes(override):
+    extra = ["vectors.path=x.safetensors"] if override == "vectors=file" else []
+    cfg = make(override, *extra)
+    if override.startswith("model="):
+        assert cfg.model.num_hidden_layers and cfg.model.recommended_layers
+    if not override.startswith("model="):
+        validate_static(cfg)
+
+
+def test_misspelt_key_fails_at_compose():
+    with pytest.raises(ConfigCompositionException, match="alpah"):
+        make("steering.alpah=[1]")
+    with pytest.raises(ConfigCompositionException, match="dtpye"):
+        make("model.dtpye=float32")
+
+
+def test_misspelt_key_in_yaml_fails_at_compose(tmp_path):
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    text = (conf / "steering" / "default.yaml").read_text().replace("samples:", "sampels:")
+    (conf / "steering" / "default.yaml").write_text(text)
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException, match="sampels"):
+            compose(config_name="config")
+
+
+def test_wrong_type_fails_at_compose():
+    with pytest.raises(ConfigCompositionException, match="alphas"):
+        make("steering.alphas=[a,b]")
+    with pytest.raises(ConfigCompositionException, match="max_new_tokens"):
+        make("generation.max_new_tokens=many")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("memory.offload_state_dict=true", "offload_state_dict=true is refused"),
+        ("memory.gpu_fraction=1.5", "must be in \\(0, 1\\]"),
+        ("memory.gpu_fraction=0", "must be in \\(0, 1\\]"),
+        ("memory.disk_offload=true", "offload_folder"),
+        ("memory.cpu=12Gb", "cannot read size"),
+        ("steering.layers=[]", "steering.layers is empty"),
+        ("steering.alphas=[]", "steering.alphas is empty"),
+        ("steering.positions=prompt", "use all or generated"),
+        ("steering.samples=3", "do_sample"),
+        ("generation.max_new_tokens=0", "must be > 0"),
+        ("generation.top_p=0", "top_p"),
+        ("vectors.source=file", "vectors.path"),
+        ("eval.metrics=[bleu]", "unknown"),
+        ("task=train", "unknown"),
+        ("model.device_map=everywhere", "device_map"),
+    ],
+)
+def test_bad_values_one_line_errors(override, message):
+    cfg = make(override)
+    with pytest.raises(ConfigError, match=message) as e:
+        validate_static(cfg)
+    assert "\n" not in str(e.value)

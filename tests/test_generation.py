@@ -1,0 +1,91 @@
+"""Steered generation with the KV cache, per-row steering and batch-invariant sampling."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import OmegaConf
+
+from steersweep.baselines import seed_loop_generate
+from steersweep.config import GenerationConfig
+from steersweep.generation import generate_rows, generate_with_backoff
+
+PROMPTS = ["Tell me about your weekend.", "Describe the sea.", "What is a good breakfast?"]
+
+
+def gen_cfg(**kw) -> GenerationConfig:
+    return OmegaConf.structured(GenerationConfig(max_new_tokens=kw.pop("max_new_tokens", 8), **kw))
+
+
+def ids_of(tokenizer, prompts=PROMPTS):
+    return [tokenizer(p)["input_ids"] for p in prompts]
+
+
+def test_alpha_zero_equals_no_hook(tiny, tokenizer):
+    ids = ids_of(tokenizer)
+    v = torch.randn(32) * 10
+    steered = generate_rows(tiny, tokenizer, ids, [(1, 0.0, v)] * 3, gen_cfg())
+    plain = tiny.generate(
+        **tokenizer(PROMPTS, return_tensors="pt", padding=True), max_new_tokens=8, do_sample=False, pad_token_id=2
+    )
+    width = plain.shape[1] - 8
+    for row, comp in zip(plain[:, width:].tolist(), steered, strict=True):
+        assert row[: comp.n_new_tokens] == comp.token_ids
+
+
+def test_kv_cache_matches_full_recompute_loop(tiny, tokenizer):
+    ids = ids_of(tokenizer)
+    v = torch.randn(32)
+    for layer, alpha in [(0, 2.0), (1, -3.0), (3, 6.0), (2, 0.0)]:
+        ours = generate_rows(tiny, tokenizer, ids, [(layer, alpha, v)] * 3, gen_cfg(max_new_tokens=10))
+        for p, comp in zip(ids, ours, strict=True):
+            ref = seed_loop_generate(tiny, p, layer, alpha, v, 10, {2})
+            assert comp.token_ids == [t for t in ref if t != 2], (layer, alpha)
+
+
+def test_mixed_batch_rows_equal_single_cell_runs(tiny, tokenizer):
+    """Different prompts (lengths), layers and alphas in one generate call: each row as if alone."""
+    v = {1: torch.randn(32), 2: torch.randn(32)}
+    cells = [(p, layer, a) for p in PROMPTS for layer in (1, 2) for a in (-2.0, 0.0, 3.0)]
+    ids = [tokenizer(p)["input_ids"] for p, _, _ in cells]
+    batch = generate_rows(tiny, tokenizer, ids, [(layer, a, v[layer]) for _, layer, a in cells], gen_cfg())
+    for i, (_, layer, a) in enumerate(cells):
+        single = generate_rows(tiny, tokenizer, [ids[i]], [(layer, a, v[layer])], gen_cfg())[0]
+        assert batch[i].token_ids == single.token_ids, cells[i]
+    assert len({tuple(c.token_ids) for c in batch}) > 1  # the steering did something
+
+
+def test_sampling_is_batch_invariant_and_seeded(tiny, tokenizer):
+    ids = ids_of(tokenizer)
+    v = torch.randn(32)
+    cfg = gen_cfg(do_sample=True, temperature=1.0, top_p=0.95, max_new_tokens=12)
+    rows = [(1, 1.0, v)] * 3
+    together = generate_rows(tiny, tokenizer, ids, rows, cfg, seeds=[11, 12, 13])
+    alone = [generate_rows(tiny, tokenizer, [ids[i]], [rows[i]], cfg, seeds=[s])[0] for i, s in enumerate([11, 12, 13])]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    other = generate_rows(tiny, tokenizer, ids, rows, cfg, seeds=[21, 22, 23])
+    assert [c.token_ids for c in other] != [c.token_ids for c in together]
+    greedy = generate_rows(tiny, tokenizer, ids, rows, gen_cfg(max_new_tokens=12))
+    assert [c.token_ids for c in greedy] != [c.token_ids for c in together]
+
+
+def test_stop_reason_and_counts(tiny, tokenizer):
+    out = generate_rows(tiny, tokenizer, ids_of(tokenizer), [(1, 0.0, torch.zeros(32))] * 3, gen_cfg(max_new_tokens=5))
+    for c in out:
+        assert c.stop_reason in ("eos", "length")
+        assert c.n_new_tokens == len(c.token_ids) <= 5
+        assert c.stop_reason == "eos" or c.n_new_tokens == 5
+
+
+def test_backoff_halves_batch_on_oom_and_loses_no_row():
+    seen, done = [], []
+
+    def run_batch(chunk):
+        seen.append(len(chunk))
+        if len(chunk) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [x * 10 for x in chunk]
+
+    final = generate_with_backoff(run_batch, list(range(7)), 8, lambda c, o, s: done.extend(o))
+    assert final == 2
+    assert seen[:3] == [7, 4, 2]
+    assert done == [x * 10 for x in range(7)]

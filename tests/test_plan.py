@@ -1,0 +1,41 @@
+"""Device-map planning on the meta device from shipped config.json files (no weights, no hub)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from test_config import make
+
+from steersweep.app import plan
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_llama70b_plan_on_stated_hardware(capsys):
+    cfg = make("task=plan", "model=llama70b", "model.path=/nonexistent/llama70b",
+               "memory.plan_hardware=[8x80GiB,4x80GiB,2x80GiB,2x48GiB+256GiB]")  # fmt: skip
+    plans = plan(cfg)
+    out = capsys.readouterr().out
+    assert "80 layers" in out
+    p8, p4, p2, p2small = plans
+    # 70.6B bf16 params = 131.4 GiB: fits 2 x 72 GiB (90% of 80), not 2 x 43.2 GiB
+    assert p8.fits_on_gpus and p4.fits_on_gpus and p2.fits_on_gpus and not p2small.fits_on_gpus
+    for p in plans:
+        assert sum(p.layers_per_device.values()) == 80
+    assert set(p8.bytes_per_device) == {str(i) for i in range(8)}
+    assert p2small.layers_per_device.get("cpu", 0) > 0
+    budget = 0.9 * 80 * 2**30
+    assert all(b <= budget for d, b in p4.bytes_per_device.items())
+    total = sum(p8.bytes_per_device.values())
+    assert 130e9 < total < 145e9  # ~70.6B params in bf16
+
+
+def test_plan_cli_runs_without_weights():
+    r = subprocess.run(
+        [sys.executable, "run_experiment.py", "task=plan", "model=qwen2_5_7b", "model.path=/nonexistent",
+         "memory.plan_hardware=[1x24GiB]"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "28 layers" in r.stdout and "1x24GiB" in r.stdout

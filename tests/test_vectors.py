@@ -1,0 +1,90 @@
+"""Computing, saving and loading steering vectors."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from steersweep import vectors as V
+
+
+def test_caa_equals_independent_mean_difference(tiny, tokenizer):
+    pairs = [
+        {"positive": "I love this wonderful day", "negative": "I hate this awful day"},
+        {"positive": "Great food, happy people", "negative": "Bad food and sad, angry people everywhere"},
+        {"positive": "Joy", "negative": "Misery and pain"},
+    ]
+    vs = V.compute_caa(tiny, tokenizer, pairs, [1, 2], "sentiment", batch_size=2)
+    # hidden_states[L + 1] is the output of layer L, except the last layer's (final norm applied)
+    for layer in (1, 2):
+        acc = {"positive": [], "negative": []}
+        for p in pairs:
+            for side in acc:
+                ids = tokenizer(p[side], return_tensors="pt")["input_ids"]  # unpadded, one at a time
+                out = tiny(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1]
+                acc[side].append(out[0, -1])
+        expected = torch.stack(acc["positive"]).mean(0) - torch.stack(acc["negative"]).mean(0)
+        torch.testing.assert_close(vs.vectors[layer], expected, rtol=1e-4, atol=1e-5)
+    assert vs.meta["n_pairs"] == "3"
+
+
+def test_safetensors_round_trip(tmp_path):
+    vs = V.VectorSet({2: torch.randn(32), 5: torch.randn(32)}, "joy", {"model": "tiny"}, {2: 3.5, 5: 4.0})
+    p = V.save(vs, tmp_path / "v.safetensors")
+    back = V.load(p)
+    assert back.concept == "joy" and back.resid_norms == {2: 3.5, 5: 4.0}
+    for layer in (2, 5):
+        assert torch.equal(back.vectors[layer], vs.vectors[layer])
+        assert back.vector_id(layer) == vs.vector_id(layer)
+
+
+def test_transformerlens_pt_keys(tmp_path):
+    a, b = torch.randn(32), torch.randn(32)
+    torch.save({"blocks.3.hook_resid_post": a, "blocks.2.hook_resid_pre": b}, tmp_path / "tl.pt")
+    vs = V.load(tmp_path / "tl.pt")
+    assert torch.equal(vs.vectors[3], a)
+    assert torch.equal(vs.vectors[1], b)  # resid_pre of block 2 is the output of layer 1
+
+
+class Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned",))
+
+
+def test_pt_with_code_is_refused(tmp_path):
+    p = tmp_path / "evil.pt"
+    with open(p, "wb") as f:
+        pickle.dump({"blocks.1.hook_resid_post": Evil()}, f)
+    with pytest.raises(V.VectorError, match="weights_only=True"):
+        V.load(p)
+
+
+def test_validation_errors(tmp_path):
+    with pytest.raises(V.VectorError, match="hidden size is 32"):
+        V.VectorSet({1: torch.randn(16)}).validate(32, 4)
+    bad = torch.randn(32)
+    bad[3] = float("nan")
+    with pytest.raises(V.VectorError, match="NaN"):
+        V.VectorSet({1: bad}).validate(32, 4)
+    with pytest.raises(V.VectorError, match=r"no vector for layer\(s\) \[2\]"):
+        V.VectorSet({1: torch.randn(32)}).validate(32, 4, [1, 2])
+    with pytest.raises(V.VectorError, match="has 4 layers"):
+        V.VectorSet({9: torch.randn(32)}).validate(32, 4)
+
+
+def test_truncated_and_missing_files(tmp_path):
+    p = tmp_path / "v.safetensors"
+    save_file({"layer.1": torch.randn(32)}, str(p))
+    p.write_bytes(p.read_bytes()[:40])
+    with pytest.raises(V.VectorError, match="cannot read safetensors"):
+        V.load(p)
+    with pytest.raises(V.VectorError, match="not found"):
+        V.load(tmp_path / "nope.safetensors")
+    with pytest.raises(V.VectorError, match="unsupported"):
+        (tmp_path / "v.npy").write_bytes(b"x")
+        V.load(tmp_path / "v.npy")
