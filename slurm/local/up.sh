@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2034  # pidfile_*/log_* are read indirectly by ensure()
 # Bring up the local single-node Slurm test cluster (idempotent).
 # See slurm/local/README.md.  Needs root.
 set -Eeuo pipefail
-# shellcheck disable=SC2034  # pidfile_*/log_* are read indirectly by ensure()
 
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

@@ -114,7 +114,7 @@ class ReportConfig:
     objective: str = "behavior_prob"  # metric to maximise when naming the best cell
     concept_metric: str = "word_rate_positive"  # concept metric for the summary
     fluency_metric: str = "perplexity"  # metric that must stay within `max_fluency_increase`
-    max_fluency_increase: float = 0.5  # allowed relative rise of the fluency metric over alpha 0
+    max_fluency_increase: float = 1.0  # allowed relative rise of the fluency metric over alpha 0
     csv: bool = False  # also write the merged table as CSV
 
 

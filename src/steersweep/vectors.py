@@ -113,7 +113,7 @@ def mean_activation(
         else:
             idx = torch.full_like(lengths, enc["input_ids"].shape[1] + position)
         with record(model, layers, layers_path) as store:
-            model(**{k: v.to(device) for k, v in enc.items()})
+            model(**{k: v.to(device) for k, v in enc.items()}, logits_to_keep=1)  # no full-vocab logits
         rows = torch.arange(len(chunk))
         for layer in layers:
             h = store[layer][0].float().cpu()[rows, idx]  # [b, H]

@@ -1,0 +1,80 @@
+"""Slow: the real embedded model, the real entry point, real Parquet files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "run_experiment.py", *args, "progress=false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The default sweep exactly as `make run` runs it, into a temporary folder."""
+    run_dir = tmp_path_factory.mktemp("default") / "run"
+    r = run_cli(f"run_dir={run_dir}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run_dir, r
+
+
+def test_default_run_writes_every_row(default_run):
+    run_dir, r = default_run
+    df = pd.read_parquet(run_dir / "results.parquet")
+    assert len(df) == 3 * 5 * 16  # layers x alphas x prompts
+    assert df.cell_id.is_unique
+    assert f"240 rows in {run_dir / 'results.parquet'}" in r.stdout
+    assert set(df.stop_reason) <= {"eos", "length"}
+    assert (df.n_new_tokens > 0).all()
+    for col in ("behavior_prob", "perplexity", "word_rate_positive", "distinct_2", "alpha_rel"):
+        assert df[col].notna().all(), col
+    zero = df[df.alpha == 0]
+    # alpha 0 rows are unsteered: identical completions whatever the layer
+    assert (zero.groupby("prompt_id").completion.nunique() == 1).all()
+    assert (run_dir / "manifest.json").is_file() and (run_dir / "vectors.safetensors").is_file()
+
+
+def test_positive_alpha_raises_positive_words_and_behavior(default_run):
+    run_dir, _ = default_run
+    df = pd.read_parquet(run_dir / "results.parquet")
+    words = df.groupby("alpha").word_rate_positive.mean()  # over layers and prompts
+    assert words[1.0] > words[0.0] > words[-1.0], words.to_dict()
+    beh = df.pivot_table(index="layer", columns="alpha", values="behavior_prob")
+    best = beh[1.0].idxmax()
+    curve = beh.loc[best].sort_index()
+    assert curve.is_monotonic_increasing and curve.is_unique, curve.to_dict()  # strictly rises
+    assert curve[1.0] - curve[-1.0] > 0.4, curve.to_dict()
+
+
+def test_report_pngs_and_summary(default_run):
+    run_dir, _ = default_run
+    rep = run_dir / "report"
+    assert (rep / "summary.md").read_text().count("## ") >= 4
+    pngs = list(rep.glob("*.png"))
+    assert len(pngs) >= 10 and all(p.stat().st_size > 5000 for p in pngs)
+
+
+def test_rerun_resumes_without_duplicates(default_run):
+    run_dir, _ = default_run
+    r = run_cli(f"run_dir={run_dir}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "wrote 0 new rows; 240 rows" in r.stdout
+    assert "loaded" not in r.stderr  # nothing to do: the model is not even loaded
+
+
+def test_bad_layer_fails_before_loading_with_no_results(tmp_path):
+    r = run_cli(f"run_dir={tmp_path / 'bad'}", "steering.layers=[10,30]")
+    assert r.returncode == 2
+    assert "steering.layers [30] out of range: smollm2_135m has 30 layers (0..29)" in r.stderr
+    assert not (tmp_path / "bad").exists()
