@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,20 @@ def real_model(embedded_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32).eval()
+
+
+PRESET = "experiment=phase1_small"  # 2 layers x 4 alphas x 6 prompts = 48 cells on the embedded model
+
+
+@pytest.fixture(scope="session")
+def direct(tmp_path_factory):
+    """The phase1_small preset run directly (one process, no Slurm): the reference table."""
+    import pandas as pd
+
+    run_dir = tmp_path_factory.mktemp("direct") / "run"
+    r = subprocess.run(
+        [sys.executable, "run_experiment.py", PRESET, f"run_dir={run_dir}", "progress=false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return pd.read_parquet(run_dir / "results.parquet")

@@ -89,3 +89,18 @@ def test_backoff_halves_batch_on_oom_and_loses_no_row():
     assert final == 2
     assert seen[:3] == [7, 4, 2]
     assert done == [x * 10 for x in range(7)]
+
+
+def test_shared_prefill_equals_plain_generated_steering(tiny, tokenizer):
+    """positions=generated: the prompt prefix is computed once per prompt, tokens unchanged."""
+    v = {1: torch.randn(32) * 3, 2: torch.randn(32) * 3}
+    cells = [(p, layer, a) for p in PROMPTS for layer in (1, 2) for a in (-2.0, 0.0, 3.0)]
+    ids = [tokenizer(p)["input_ids"] for p, _, _ in cells]
+    rows = [(layer, a, v[layer]) for _, layer, a in cells]
+    shared = generate_rows(tiny, tokenizer, ids, rows, gen_cfg(), positions="generated", shared_prefill=True)
+    plain = generate_rows(tiny, tokenizer, ids, rows, gen_cfg(), positions="generated", shared_prefill=False)
+    assert [c.token_ids for c in shared] == [c.token_ids for c in plain]
+    for i in (0, 7, 17):  # and each row equals its own single-cell run
+        single = generate_rows(tiny, tokenizer, [ids[i]], [rows[i]], gen_cfg(), positions="generated")[0]
+        assert single.token_ids == shared[i].token_ids
+    assert len({tuple(c.token_ids) for c in shared}) > 3

@@ -88,3 +88,21 @@ def test_truncated_and_missing_files(tmp_path):
     with pytest.raises(V.VectorError, match="unsupported"):
         (tmp_path / "v.npy").write_bytes(b"x")
         V.load(tmp_path / "v.npy")
+
+
+def test_gguf_control_vector_round_trip_is_exact(tmp_path):
+    from gguf import GGUFReader
+
+    from steersweep.exchange import write_control_vector
+
+    vs = V.VectorSet({3: torch.randn(32), 7: torch.randn(32) * 1e-3}, "joy", {"model": "tiny"})
+    p = write_control_vector(vs.vectors, tmp_path / "joy.gguf", "tiny")
+    r = GGUFReader(str(p))
+    assert bytes(r.fields["general.architecture"].parts[-1]).decode() == "controlvector"
+    assert sorted(t.name for t in r.tensors) == ["direction.3", "direction.7"]
+    back = V.load(p)
+    assert set(back.vectors) == {3, 7}
+    for layer in (3, 7):
+        assert torch.equal(back.vectors[layer], vs.vectors[layer])
+    with pytest.raises(ValueError, match="layer 0"):
+        write_control_vector({0: torch.randn(32)}, tmp_path / "bad.gguf")

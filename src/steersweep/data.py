@@ -37,13 +37,15 @@ def load_jsonl(name_or_path: str, required: tuple[str, ...] = ()) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise DatasetError(f"{path}:{i}: not valid JSON ({e.msg}): fix or remove that line") from None
             if not isinstance(obj, dict):
-                raise DatasetError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+                raise DatasetError(
+                    f"{path}:{i}: expected a JSON object, got {type(obj).__name__}: write one {{...}} object per line"
+                )
             missing = [k for k in required if k not in obj]
             if missing:
                 raise DatasetError(f"{path}:{i}: missing key(s) {missing}; each line needs {list(required)}")
             rows.append(obj)
     if not rows:
-        raise DatasetError(f"{path} has no rows")
+        raise DatasetError(f"{path} has no rows: add at least one JSON object per line, each with {list(required)}")
     return rows
 
 
@@ -53,7 +55,7 @@ def load_prompts(name_or_path: str, limit: int | None = None) -> list[dict]:
     ids = [str(r["id"]) for r in rows]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
-        raise DatasetError(f"prompt ids must be unique; repeated: {dup[:5]}")
+        raise DatasetError(f"prompt ids must be unique; repeated: {dup[:5]}: give each prompt its own id")
     return [{"id": str(r["id"]), "prompt": str(r["prompt"])} for r in rows]
 
 
@@ -62,7 +64,9 @@ def load_word_lists(name_or_path: str) -> dict[str, list[str]]:
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise DatasetError(
+            f'{path}: not valid JSON ({e.msg} at line {e.lineno}): fix it; expected {{"name": [words...]}}'
+        ) from None
     if not isinstance(d, dict) or not all(isinstance(v, list) for v in d.values()):
-        raise DatasetError(f'{path}: expected {{"name": [words...]}}')
+        raise DatasetError(f'{path}: expected {{"name": [words...]}}: make it one object of word lists')
     return {k: [w.lower() for w in v] for k, v in d.items()}

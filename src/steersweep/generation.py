@@ -111,6 +111,7 @@ def generate_rows(
     seeds: Sequence[int] | None = None,
     positions: str = "all",
     layers_path: str | None = None,
+    shared_prefill: bool = True,
 ) -> list[Completion]:
     """One `generate` call for a batch of rows, each steered by its own (layer, alpha, vector).
 
@@ -119,6 +120,9 @@ def generate_rows(
         steering: per row (layer, alpha, vector); alpha 0 leaves the row unsteered.
         seeds: per-row sampling seeds (required when `gen.do_sample`).
         positions: "all" or "generated" (last prompt position onward).
+        shared_prefill: with positions="generated", run each distinct prompt's unsteered prefix
+            once and give every row a copy of its KV cache (rows of one prompt differ only from
+            the last prompt token on).
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids, mask = left_pad(prompt_ids, pad)
@@ -133,6 +137,8 @@ def generate_rows(
         if seeds is None:
             raise ValueError("sampling needs one seed per row")
         kwargs["logits_processor"] = LogitsProcessorList([RowSeededSampler(seeds, gen.temperature, gen.top_p)])
+    if positions == "generated" and shared_prefill and input_ids.shape[1] > 1:
+        kwargs["past_key_values"] = _shared_prefix_cache(model, prompt_ids, pad, device)
     with steer(model, row_deltas(steering, positions), layers_path):
         out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)
     new = out[:, input_ids.shape[1] :].cpu()
@@ -146,6 +152,31 @@ def generate_rows(
                 break
         results.append(Completion(tokenizer.decode(row, skip_special_tokens=True), row, len(row), stop))
     return results
+
+
+def _shared_prefix_cache(model, prompt_ids: Sequence[Sequence[int]], pad: int, device):
+    """KV cache of every row's prompt minus its last token, computed once per distinct prompt.
+
+    Left padding keeps the alignment: dropping the last column of the padded batch gives each
+    prompt's prefix padded to the same width. Position ids follow the attention mask, as
+    `generate` computes them, so the cache equals what generate's own prefill would store.
+    """
+    index: dict[tuple[int, ...], int] = {}
+    rows = [index.setdefault(tuple(p), len(index)) for p in prompt_ids]
+    uniq = list(index)
+    width = max(len(p) for p in prompt_ids)
+    ids, mask = left_pad(uniq, pad)
+    if ids.shape[1] < width:  # keep the same width as the full batch
+        extra = width - ids.shape[1]
+        ids = torch.cat([torch.full((len(uniq), extra), pad), ids], 1)
+        mask = torch.cat([torch.zeros((len(uniq), extra), dtype=mask.dtype), mask], 1)
+    ids, mask = ids[:, :-1], mask[:, :-1]
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                use_cache=True, logits_to_keep=1)  # fmt: skip
+    cache = out.past_key_values
+    cache.reorder_cache(torch.tensor(rows))  # one copy per row, on each layer's own device
+    return cache
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import time
@@ -50,8 +51,10 @@ SCHEMA = pa.schema(
     ]
 )
 FIXED = [f.name for f in SCHEMA]
-# Keys whose values never reach a manifest or log (tokens, passwords).
-SECRET_HINTS = ("token", "secret", "password", "api_key", "apikey")
+# Keys whose values never reach a manifest (HF_TOKEN, *_secret, password...). Whole-word endings:
+# "max_new_tokens" is not a secret. Values shaped like Hugging Face tokens are redacted anywhere.
+SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|access_key)$", re.IGNORECASE)
+SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
 
 
 class ResultsError(RuntimeError):
@@ -115,7 +118,13 @@ class RunFolder:
         name = f"part-{worker}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
         path = self.parts / name
         table = table_from_rows(rows)
-        atomic_write_bytes(path, lambda tmp: pq.write_table(table, tmp))
+        try:
+            atomic_write_bytes(path, lambda tmp: pq.write_table(table, tmp))
+        except OSError as e:  # disk full, quota, folder gone: no part (and no tmp file) is left behind
+            raise ResultsError(
+                f"cannot write a part file in {self.parts} ({e.strerror or e}): free disk space or choose another "
+                "run_dir; rerun the same command to resume"
+            ) from e
         return path
 
     def part_files(self) -> list[Path]:
@@ -175,11 +184,11 @@ class RunFolder:
 def scrub(obj):
     """Drop values under secret-looking keys, recursively (HF_TOKEN never reaches a manifest)."""
     if isinstance(obj, dict):
-        return {
-            k: ("<redacted>" if any(h in str(k).lower() for h in SECRET_HINTS) else scrub(v)) for k, v in obj.items()
-        }
+        return {k: ("<redacted>" if SECRET_KEY.search(str(k)) else scrub(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [scrub(v) for v in obj]
+    if isinstance(obj, str):
+        return SECRET_VALUE.sub("<redacted>", obj)
     return obj
 
 

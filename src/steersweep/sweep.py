@@ -235,7 +235,7 @@ def generate_cells(
             f"{ctx} tokens: shorten them or lower generation.max_new_tokens"
         )
     todo = sorted(todo, key=lambda c: (len(prompt_ids[c.prompt_id]), c.layer, c.alpha))  # less padding
-    longest = max(len(prompt_ids[c.prompt_id]) for c in todo) + gen.max_new_tokens
+    longest = max((len(prompt_ids[c.prompt_id]) for c in todo), default=1) + gen.max_new_tokens
     batch = G.auto_batch_size(model, longest, gen)
     log.info("generating %d rows, %d per batch", len(todo), batch)
     names = list(cfg.eval.metrics)
@@ -283,7 +283,7 @@ def generate_cells(
             rows.append(row)
         if dist.world > 1:
             gathered = dist.gather(rows)
-            if dist.is_main:
+            if dist.is_main and gathered:
                 folder.write_part(gathered, worker="dp")
                 written += len(gathered)
         else:
@@ -291,10 +291,20 @@ def generate_cells(
             written += len(rows)
         bar.update(len(chunk) * dist.world)
 
-    if dist.world > 1:  # every rank must run the same number of batches for the gathers to pair up
+    n_batches = None
+    if dist.world > 1:  # every rank must join the same number of gathers
         n_batches = dist.max_int((len(todo) + batch - 1) // batch)
-        batch = max(1, (len(todo) + n_batches - 1) // n_batches) if todo else batch
-    G.generate_with_backoff(run_batch, todo, batch, on_done, cfg.memory.batch_timeout_s)
+        batch = max(1, -(-len(todo) // n_batches)) if todo else batch
+    finished = 0
+
+    def counted(chunk, outs, seconds):
+        nonlocal finished
+        finished += 1
+        on_done(chunk, outs, seconds)
+
+    G.generate_with_backoff(run_batch, todo, batch, counted, cfg.memory.batch_timeout_s)
+    for _ in range((n_batches or 0) - finished):  # a rank with fewer cells still joins each gather
+        on_done([], [], 0.0)
     bar.close()
     return written
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import torch
 from omegaconf import DictConfig
@@ -57,7 +58,16 @@ def validate_static(cfg: DictConfig) -> None:
         )
     check(len(st.layers) > 0, "steering.layers is empty: give at least one layer, e.g. 'steering.layers=[10]'")
     check(len(st.alphas) > 0, "steering.alphas is empty: give at least one alpha, e.g. 'steering.alphas=[0,4]'")
+    for layer in st.layers:
+        check(
+            isinstance(layer, int) and not isinstance(layer, bool),
+            f"steering.layers contains {layer!r} ({type(layer).__name__}): layers are integers, e.g. [10,14]",
+        )
     for a in st.alphas:
+        check(
+            isinstance(a, (int, float)) and not isinstance(a, bool),
+            f"steering.alphas contains {a!r} ({type(a).__name__}): alphas are numbers, e.g. [0,4]",
+        )
         check(math.isfinite(a), f"steering.alphas contains {a}: alphas must be finite numbers")
     check(len(set(st.layers)) == len(st.layers), f"steering.layers={list(st.layers)} repeats a layer")
     check(len(set(st.alphas)) == len(st.alphas), f"steering.alphas={list(st.alphas)} repeats an alpha")
@@ -76,6 +86,10 @@ def validate_static(cfg: DictConfig) -> None:
     check(vec.source in ("compute", "file"), f"vectors.source={vec.source}: use compute or file")
     check(vec.source != "file" or bool(vec.path), "vectors.source=file needs vectors.path=<.safetensors, .pt or .gguf>")
     check(vec.batch_size > 0, f"vectors.batch_size={vec.batch_size} must be > 0")
+    check(
+        cfg.prompts.limit is None or cfg.prompts.limit >= 1,
+        f"prompts.limit={cfg.prompts.limit} must be >= 1 (or null for every prompt)",
+    )
     unknown = [x for x in cfg.eval.metrics if x not in METRICS]
     check(not unknown, f"eval.metrics has unknown {unknown}: choose from {', '.join(METRICS)}")
     check(
@@ -88,6 +102,28 @@ def validate_static(cfg: DictConfig) -> None:
             cfg.shard_index is not None and 0 <= cfg.shard_index < cfg.shard_count,
             f"shard_index={cfg.shard_index} must be in [0, shard_count={cfg.shard_count})",
         )
+    else:
+        _check_slurm_array_env()
+
+
+def _check_slurm_array_env() -> None:
+    """The Slurm array variables that `sweep.shard_of` turns into (index, count) must make sense."""
+    count = os.environ.get("SLURM_ARRAY_TASK_COUNT")
+    if not count:
+        return
+    raw = {k: os.environ.get(k) for k in ("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN")}
+    try:
+        n, i, first = int(count), int(raw["SLURM_ARRAY_TASK_ID"] or ""), int(raw["SLURM_ARRAY_TASK_MIN"] or 0)
+    except ValueError:
+        shown = " ".join(f"{k}={v}" for k, v in raw.items() if v is not None)
+        raise ConfigError(
+            f"Slurm array environment is not integers ({shown}): unset it or set shard_index and shard_count"
+        ) from None
+    check(
+        n >= 1 and 0 <= i - first < n,
+        f"Slurm array task {i} (min {first}) is not in a contiguous array of {n} tasks: submit --array=0-{max(n, 1) - 1}, "
+        "or set shard_index and shard_count",
+    )
 
 
 def validate_model(cfg: DictConfig, need_checkpoint: bool = True):
@@ -103,8 +139,53 @@ def validate_model(cfg: DictConfig, need_checkpoint: bool = True):
             cfg.model.num_hidden_layers, n, n,
         )  # fmt: skip
     bad = [layer for layer in cfg.steering.layers if not 0 <= layer < n]
-    check(not bad, f"steering.layers {bad} out of range: {cfg.model.name} has {n} layers (0..{n - 1})")
+    check(
+        not bad,
+        f"steering.layers {bad} out of range: {cfg.model.name} has {n} layers (0..{n - 1}): change steering.layers",
+    )
+    if need_checkpoint:
+        _check_layer_list(cfg, hf)
+        if cfg.generation.chat_template == "on":
+            _check_chat_template(cfg)
     return hf
+
+
+def _check_layer_list(cfg: DictConfig, hf) -> None:
+    """Find the decoder layer list on an empty (meta-device) model, so a miss fails before loading."""
+    from .hooks import LayerLookupError, get_layers
+    from .loading import empty_model
+
+    try:
+        model = empty_model(hf, cfg.model.trust_remote_code)
+    except Exception as e:  # an architecture the meta build cannot handle: the loader will tell
+        log.debug("skipping the layer-list check: cannot build %s on the meta device (%s)", cfg.model.name, e)
+        return
+    try:
+        get_layers(model, cfg.model.layers_path)
+    except LayerLookupError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_chat_template(cfg: DictConfig) -> None:
+    """generation.chat_template=on needs a tokenizer with a template; read it (no weights) to see."""
+    from pathlib import Path
+
+    from .loading import resolve_model_path
+
+    path = resolve_model_path(cfg.model)
+    if not Path(path).is_dir():
+        return  # a hub id: checked after loading (generation.use_chat_template)
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception as e:  # no usable tokenizer: the loader reports it
+        log.debug("skipping the chat-template check: cannot read the tokenizer in %s (%s)", path, e)
+        return
+    check(
+        bool(getattr(tok, "chat_template", None)),
+        "generation.chat_template=on but the tokenizer has no chat template: set it to auto or off",
+    )
 
 
 def validate_inputs(cfg: DictConfig, hf) -> dict:

@@ -1,0 +1,81 @@
+"""Vector exchange with llama.cpp and repeng: control-vector GGUF files.
+
+Format: GGUF with `general.architecture = "controlvector"`, `controlvector.model_hint`,
+`controlvector.layer_count`, and one float32 tensor `direction.{k}` per layer. llama.cpp adds
+`direction.k` to the output of decoder block k (0-based) and never steers block 0, so
+`direction.k` here means exactly our layer k, and layer 0 cannot be exported.
+(repeng numbers its exports by hidden-state index, one higher; import such files with care.)
+
+    python -m steersweep.exchange export vectors.safetensors out.gguf
+    python -m steersweep.exchange import in.gguf vectors.safetensors
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ARCH = "controlvector"
+
+
+def write_control_vector(vectors: dict[int, torch.Tensor], path: str | Path, model_hint: str = "") -> Path:
+    """Write {layer: vector} as a llama.cpp control-vector GGUF (float32, exact)."""
+    from gguf import GGUFWriter
+
+    if 0 in vectors:
+        raise ValueError("llama.cpp control vectors cannot steer layer 0: drop it before exporting")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    w = GGUFWriter(str(tmp), ARCH)
+    w.add_string(f"{ARCH}.model_hint", model_hint or "unknown")
+    w.add_uint32(f"{ARCH}.layer_count", len(vectors))
+    for layer in sorted(vectors):
+        w.add_tensor(f"direction.{layer}", vectors[layer].detach().float().cpu().numpy().astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.replace(path)
+    return path
+
+
+def read_control_vector(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a control-vector GGUF: ({"direction.k": tensor}, metadata)."""
+    from gguf import GGUFReader
+
+    from .vectors import VectorError
+
+    try:
+        r = GGUFReader(str(path))
+    except Exception as e:
+        raise VectorError(f"cannot read GGUF file {path}: {e}") from None
+    meta: dict[str, str] = {}
+    for name, field in r.fields.items():
+        if name.startswith(ARCH + ".") or name == "general.architecture":
+            value = field.parts[field.data[0]]
+            meta[name] = bytes(value).decode() if value.dtype == np.uint8 else str(value.tolist()[0])
+    if meta.get("general.architecture") != ARCH:
+        raise VectorError(f"{path} is not a control-vector GGUF (architecture {meta.get('general.architecture')!r})")
+    tensors = {t.name: torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(-1)) for t in r.tensors}
+    return tensors, {"model": meta.get(f"{ARCH}.model_hint", ""), "format": "gguf.controlvector"}
+
+
+def main(argv: list[str]) -> None:
+    from .vectors import VectorSet, load, save
+
+    if len(argv) != 3 or argv[0] not in ("export", "import"):
+        sys.exit("usage: python -m steersweep.exchange export VECTORS OUT.gguf | import IN.gguf OUT.safetensors")
+    op, src, dst = argv
+    vs = load(src)
+    if op == "export":
+        write_control_vector(vs.vectors, dst, vs.meta.get("model", ""))
+    else:
+        save(VectorSet(vs.vectors, vs.concept, vs.meta), dst)
+    print(f"wrote {dst} ({len(vs.vectors)} layers)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
