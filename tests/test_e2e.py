@@ -77,3 +77,11 @@ def test_bad_layer_fails_before_loading_with_no_results(tmp_path):
     assert r.returncode == 2
     assert "steering.layers [30] out of range: smollm2_135m has 30 layers (0..29)" in r.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_judge_scores_every_row(embedded_dir, tmp_path):
+    r = run_cli("experiment=quick", f"run_dir={tmp_path / 'j'}", "eval=judge", f"eval.judge.model_path={embedded_dir}",
+                "eval.metrics=[word_rate]", "report.enabled=false")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    df = pd.read_parquet(tmp_path / "j" / "results.parquet")
+    assert df.judge_score.between(1, 9).all() and df.judge_score.nunique() > 1

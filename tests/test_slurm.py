@@ -13,7 +13,7 @@ import pytest
 from conftest import PRESET, ROOT
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-LOCAL = ["--partition=debug", "--gpus-per-node=0", "--mem=3G", "--cpus-per-task=1"]
+LOCAL = ["--partition=debug", "--gpus-per-node=0", "--mem=3G", "--cpus-per-task=2"]  # 2 threads: the cores
 COMPARE = ["cell_id", "layer", "alpha", "prompt_id", "sample", "completion", "n_new_tokens", "stop_reason"]
 
 
@@ -77,7 +77,7 @@ def test_submit_script_matches_direct_run(cluster, direct, tmp_path):
 
 def test_array_tasks_split_cells_and_merge(cluster, direct, tmp_path):
     run_dir = tmp_path / "run"
-    job = sbatch(tmp_path, f"run_dir={run_dir}", sbatch_opts=("--array=0-1",))
+    job = sbatch(tmp_path, f"run_dir={run_dir}", sbatch_opts=("--array=0-1", "--cpus-per-task=1"))  # 1 core each
     assert state(job) == "COMPLETED"
     df = assert_same_table(run_dir, direct)
     assert set(df.worker) == {"s0of2", "s1of2"}  # each array task wrote its own share

@@ -42,8 +42,19 @@ def plan(cfg: DictConfig) -> list:
     return plans
 
 
+def set_threads() -> None:
+    """Use the CPUs Slurm gave this task, not every core of the node (oversubscribed OpenMP threads
+    spin against each other: array tasks sharing a node slow down several-fold)."""
+    import os
+
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, int(cpus)))
+
+
 def run(cfg: DictConfig) -> dict | list | Path:
     """Dispatch on `cfg.task`."""
+    set_threads()
     if cfg.task == "plan":
         return plan(cfg)
     if cfg.task in ("merge", "report"):

@@ -92,7 +92,7 @@ class JudgeConfig:
         "Rate how positive the sentiment of this reply is, from 1 (very negative) to 9 (very "
         "positive). Reply with one digit.\nQuestion: {prompt}\nReply: {completion}\nRating:"
     )
-    dtype: str = "bfloat16"  # dtype of the judge model
+    dtype: str = "auto"  # dtype of the judge model (auto: bf16 on GPU, fp32 on CPU)
 
 
 @dataclass

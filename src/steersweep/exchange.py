@@ -27,8 +27,16 @@ def write_control_vector(vectors: dict[int, torch.Tensor], path: str | Path, mod
 
     if 0 in vectors:
         raise ValueError("llama.cpp control vectors cannot steer layer 0: drop it before exporting")
+    from .results import atomic_write_bytes
+
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    atomic_write_bytes(path, lambda tmp: _write_gguf(vectors, tmp, model_hint))
+    return path
+
+
+def _write_gguf(vectors: dict[int, torch.Tensor], tmp: Path, model_hint: str) -> None:
+    from gguf import GGUFWriter
+
     w = GGUFWriter(str(tmp), ARCH)
     w.add_string(f"{ARCH}.model_hint", model_hint or "unknown")
     w.add_uint32(f"{ARCH}.layer_count", len(vectors))
@@ -38,8 +46,6 @@ def write_control_vector(vectors: dict[int, torch.Tensor], path: str | Path, mod
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    tmp.replace(path)
-    return path
 
 
 def read_control_vector(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from .config import GenerationConfig
+from .faults import fault_point
 from .hooks import row_deltas, steer
 
 log = logging.getLogger(__name__)
@@ -245,6 +246,7 @@ def generate_with_backoff(run_batch, rows: Sequence, batch_size: int, on_done, t
         t0 = time.perf_counter()
         try:
             with watchdog(timeout_s, f"generate batch of {len(chunk)} rows", announce=False):
+                fault_point("batch")
                 outputs = run_batch(chunk)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
             if not is_oom(e) or batch_size == 1:

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .config import MemoryConfig, ModelConfig
+from .faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -243,23 +245,39 @@ def plan_device_map(
 # Load
 
 
+WATCHDOG_EXIT = 3  # exit status of a run stopped by a watchdog
+
+
 @contextlib.contextmanager
 def watchdog(seconds: float, what: str, announce: bool = True):
-    """Dump every thread's stack to stderr and exit if the body runs longer than `seconds`."""
+    """Dump every thread's stack and exit (status 3) if the body runs longer than `seconds`.
+
+    A timer thread says what stalled, dumps all stacks and exits; faulthandler's C-level timer
+    backs it up a minute later in case a hang never releases the GIL.
+    """
     if not seconds or seconds <= 0:
         yield
         return
     if announce:
-        print(
-            f"[watchdog] {what}: if this takes over {seconds:.0f} s, all thread stacks are dumped and the "
-            "process exits with status 1",
-            file=sys.stderr,
-            flush=True,
-        )
-    faulthandler.dump_traceback_later(seconds, exit=True, file=sys.stderr)
+        print(f"[watchdog] {what}: stacks are dumped and the run exits if this takes over {seconds:.0f} s",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+    def fire() -> None:
+        print(f"[watchdog] {what} has run for over {seconds:.0f} s: dumping all thread stacks and exiting "
+              f"(status {WATCHDOG_EXIT}); raise the limit in conf/memory if it is only slow",
+              file=sys.stderr, flush=True)  # fmt: skip
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(WATCHDOG_EXIT)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    faulthandler.dump_traceback_later(seconds + 60, exit=True, file=sys.stderr)
     try:
         yield
     finally:
+        timer.cancel()
         faulthandler.cancel_dump_traceback_later()
 
 
@@ -298,6 +316,7 @@ def load_model(model_cfg: ModelConfig, mem: MemoryConfig, gpu: int | None = None
     log.info("memory budget: %s", {k: fmt_bytes(v) for k, v in budget.items()})
     t0 = time.perf_counter()
     with watchdog(mem.load_timeout_s, f"loading {path}"):
+        fault_point("load")
         tokenizer = AutoTokenizer.from_pretrained(
             path,
             revision=model_cfg.revision,

@@ -58,17 +58,22 @@ def markdown_table(p: pd.DataFrame) -> str:
 def heatmap(s: pd.DataFrame, metric: str, model: str, path: Path) -> None:
     p = s[s.model == model].pivot(index="layer", columns="alpha", values="mean")
     fig, ax = plt.subplots(figsize=(1.1 * p.shape[1] + 2.5, 0.5 * p.shape[0] + 2))
-    im = ax.imshow(p.values, aspect="auto", cmap="viridis", origin="lower")
+    vals = p.values[np.isfinite(p.values)]
+    # Perplexity-like metrics span orders of magnitude: colour them on a log scale.
+    log = len(vals) > 0 and vals.min() > 0 and vals.max() / vals.min() > 20
+    norm = matplotlib.colors.LogNorm(vals.min(), vals.max()) if log else None
+    im = ax.imshow(p.values, aspect="auto", cmap="viridis", origin="lower", norm=norm)
     ax.set_xticks(range(p.shape[1]), [f"{a:g}" for a in p.columns])
     ax.set_yticks(range(p.shape[0]), [str(i) for i in p.index])
     ax.set_xlabel("steering strength alpha")
     ax.set_ylabel("layer")
-    ax.set_title(f"{metric}: mean over prompts ({model})")
+    ax.set_title(f"{metric}: mean over prompts ({model})" + (", log colour scale" if log else ""))
     for i in range(p.shape[0]):
         for j in range(p.shape[1]):
             v = p.values[i, j]
             if not math.isnan(v):
-                ax.text(j, i, f"{v:.2g}", ha="center", va="center", color="w", fontsize=8)
+                ink = "black" if im.norm(v) > 0.6 else "white"  # readable on light and dark cells
+                ax.text(j, i, f"{v:.3g}", ha="center", va="center", color=ink, fontsize=8)
     fig.colorbar(im, ax=ax, label=metric)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -105,8 +110,9 @@ def best_cell(df: pd.DataFrame, cfg: ReportConfig) -> tuple[pd.Series | None, st
             limit = obj["model"].map(base) * (1 + cfg.max_fluency_increase)
             obj = obj[obj["fluency"] <= limit]
             rule = f"{cfg.fluency_metric} at most {1 + cfg.max_fluency_increase:.2f} x its alpha-0 value"
+    obj = obj[obj["alpha"] != 0]  # the baseline is what steering is compared with, not a candidate
     if obj.empty:
-        return None, f"no cell satisfies {rule}"
+        return None, f"no steered cell satisfies {rule}"
     return obj.sort_values("objective", ascending=False).iloc[0], rule
 
 
@@ -125,8 +131,9 @@ def write_report(run_dirs: str | Path | list, cfg: ReportConfig | None = None) -
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Steering sweep report: {', '.join(d.name for d in dirs)}", ""]
     lines.append(
-        f"{len(df)} completions; models {sorted(df.model.unique())}; layers {sorted(df.layer.unique())}; "
-        f"alphas {sorted(df.alpha.unique())}; {df.prompt_id.nunique()} prompts."
+        f"{len(df)} completions; models {', '.join(sorted(df.model.unique()))}; "
+        f"layers {', '.join(str(int(x)) for x in sorted(df.layer.unique()))}; "
+        f"alphas {', '.join(f'{x:g}' for x in sorted(df.alpha.unique()))}; {df.prompt_id.nunique()} prompts."
     )
     lines.append("")
     best, rule = best_cell(df, cfg)

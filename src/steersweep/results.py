@@ -25,6 +25,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .faults import fault_point
+
 log = logging.getLogger(__name__)
 
 # Fixed columns; metric columns (float64) are appended after these.
@@ -87,6 +89,7 @@ def atomic_write_bytes(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        fault_point("write")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

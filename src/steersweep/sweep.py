@@ -189,8 +189,15 @@ def run_sweep(cfg: DictConfig, model=None, tokenizer=None, load_info: dict | Non
     from .distributed import Dist
 
     dist = Dist.from_cfg(cfg)
-    st = prepare(cfg) if dist.is_main else None
+    st = None
+    if dist.is_main:
+        try:
+            st = prepare(cfg)
+        except Exception as e:  # the other ranks must learn of it, not wait in the broadcast forever
+            st = {"error": e}
     st = dist.broadcast(st)
+    if "error" in st:
+        raise st["error"]
     folder: RunFolder = st["folder"]
     todo: list[Cell] = st["todo"][dist.rank :: dist.world]
     log.info(
@@ -244,6 +251,11 @@ def generate_cells(
     behavior = {}
     if "behavior_prob" in names:
         behavior = behavior_table(cfg, model, tokenizer, vs, inputs, sorted({(c.layer, c.alpha) for c in todo}))
+    judge = None
+    if cfg.eval.judge is not None:
+        from .judge import Judge
+
+        judge = Judge(cfg.eval.judge)
     worker = f"s{shard_tag(cfg)}" + (f"r{dist.rank}" if dist.world > 1 else "")
     bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not cfg.progress or not dist.is_main)
     written = 0
@@ -262,8 +274,9 @@ def generate_cells(
                            layers_path=cfg.model.layers_path)
             if "perplexity" in names else [None] * len(chunk)
         )  # fmt: skip
+        judged = judge.score([c.prompt for c in chunk], [o.text for o in outs]) if judge else [None] * len(chunk)
         rows = []
-        for c, o, p in zip(chunk, outs, ppl, strict=True):
+        for c, o, p, j in zip(chunk, outs, ppl, judged, strict=True):
             norm = vs.norm(c.layer)
             resid = vs.resid_norms.get(c.layer)
             row = {
@@ -278,6 +291,8 @@ def generate_cells(
             row.update(M.text_metrics(o.text, o.token_ids, names, lists, patterns))
             if p is not None:
                 row["perplexity"] = p
+            if j is not None:
+                row["judge_score"] = j
             if behavior:
                 row["behavior_prob"], row["behavior_prob_sem"] = behavior[(c.layer, c.alpha)]
             rows.append(row)

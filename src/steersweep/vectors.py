@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .hooks import record
+from .results import atomic_write_bytes
 
 
 class VectorError(ValueError):
