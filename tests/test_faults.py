@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import PRESET, ROOT
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]

@@ -23,8 +23,6 @@ ARCH = "controlvector"
 
 def write_control_vector(vectors: dict[int, torch.Tensor], path: str | Path, model_hint: str = "") -> Path:
     """Write {layer: vector} as a llama.cpp control-vector GGUF (float32, exact)."""
-    from gguf import GGUFWriter
-
     if 0 in vectors:
         raise ValueError("llama.cpp control vectors cannot steer layer 0: drop it before exporting")
     from .results import atomic_write_bytes

@@ -181,13 +181,9 @@ def save(vs: VectorSet, path: str | Path) -> Path:
     meta["format"] = "steersweep.vectors.v1"
     meta["norms"] = json.dumps({str(k): vs.norm(k) for k in vs.vectors})
     meta["resid_norms"] = json.dumps({str(k): v for k, v in vs.resid_norms.items()})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(
-        {f"layer.{k}": v.float().contiguous() for k, v in vs.vectors.items()},
-        str(tmp),
-        metadata=meta,
-    )
-    tmp.replace(path)
+    tensors = {f"layer.{k}": v.float().contiguous() for k, v in vs.vectors.items()}
+    # unique tmp name: array tasks starting together may save the same file at once
+    atomic_write_bytes(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return path
 
 
