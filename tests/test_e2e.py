@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,10 +15,13 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
+SECRET = "hf_" + "SeCrEt0123456789" * 2  # must never reach a manifest, a log or the table
+
+
 def run_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "run_experiment.py", *args, "progress=false"],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, "HF_TOKEN": SECRET},
     )  # fmt: skip
 
 
@@ -42,6 +48,16 @@ def test_default_run_writes_every_row(default_run):
     # alpha 0 rows are unsteered: identical completions whatever the layer
     assert (zero.groupby("prompt_id").completion.nunique() == 1).all()
     assert (run_dir / "manifest.json").is_file() and (run_dir / "vectors.safetensors").is_file()
+
+
+def test_token_never_written(default_run):
+    run_dir, r = default_run
+    assert SECRET not in r.stdout + r.stderr
+    hydra_dir = re.search(r"hydra output dir: (\S+)", r.stdout + r.stderr).group(1)
+    for folder in (run_dir, Path(hydra_dir)):
+        for f in folder.rglob("*"):
+            if f.is_file():
+                assert SECRET.encode() not in f.read_bytes(), f
 
 
 def test_positive_alpha_raises_positive_words_and_behavior(default_run):

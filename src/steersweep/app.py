@@ -69,7 +69,7 @@ def run(cfg: DictConfig) -> dict | list | Path:
                 return path
         from .report import write_report
 
-        path = write_report(folder.path, cfg.report)
+        path = write_report([folder.path, *map(Path, cfg.report.compare_runs)], cfg.report)
         print(f"report written to {path}")
         return path
     if cfg.task == "vectors":

@@ -116,6 +116,7 @@ class ReportConfig:
     fluency_metric: str = "perplexity"  # metric that must stay within `max_fluency_increase`
     max_fluency_increase: float = 1.0  # allowed relative rise of the fluency metric over alpha 0
     csv: bool = False  # also write the merged table as CSV
+    compare_runs: list[str] = field(default_factory=list)  # more run folders in the same report (models side by side)
 
 
 @dataclass
