@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from .data import DatasetError
+from .generation import PromptError
 from .hooks import LayerLookupError
 from .loading import LoadError, max_memory, parse_hardware, plan_device_map, torch_dtype
 from .results import ResultsError
@@ -18,7 +19,7 @@ from .vectors import VectorError
 log = logging.getLogger("steersweep")
 
 # Errors that mean "the user asked for something impossible": one line, exit status 2.
-USER_ERRORS = (ConfigError, DatasetError, LayerLookupError, LoadError, ResultsError, VectorError)
+USER_ERRORS = (ConfigError, DatasetError, LayerLookupError, LoadError, PromptError, ResultsError, VectorError)
 
 
 def plan(cfg: DictConfig) -> list:

@@ -135,19 +135,19 @@ def read_model_config(model: ModelConfig, need_checkpoint: bool = True):
     if local:
         return AutoConfig.from_pretrained(os.path.expanduser(path), trust_remote_code=model.trust_remote_code)
     shipped = _shipped_config(model)
-    if shipped is not None and not need_checkpoint:
-        return shipped
-    if path and _looks_like_hub_id(path) and not Path(path).is_absolute():
-        try:
+    if not need_checkpoint and shipped is not None:
+        return shipped  # planning: the shipped config.json is all that is needed
+    if path and _looks_like_hub_id(path):
+        try:  # a hub id: its config.json from the hub or the local hub cache
             return AutoConfig.from_pretrained(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
         except OSError:
-            if shipped is not None:
-                return shipped
-    if shipped is not None and not need_checkpoint:
-        return shipped
+            raise LoadError(
+                f"model {path!r} is neither a local folder nor reachable on the hub: download it and set "
+                f"model.path (or the environment variable named in conf/model/{model.name}.yaml) to the folder"
+            ) from None
     raise LoadError(
-        f"model path {path!r} is not a folder with a config.json and cannot be fetched: set model.path to "
-        "a local checkpoint (or the environment variable named in conf/model/" + model.name + ".yaml)"
+        f"model path {path!r} is not a folder with a config.json: set model.path to a local checkpoint "
+        f"(or the environment variable named in conf/model/{model.name}.yaml)"
     )
 
 

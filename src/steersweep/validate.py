@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -69,8 +70,14 @@ def validate_static(cfg: DictConfig) -> None:
             f"steering.alphas contains {a!r} ({type(a).__name__}): alphas are numbers, e.g. [0,4]",
         )
         check(math.isfinite(a), f"steering.alphas contains {a}: alphas must be finite numbers")
-    check(len(set(st.layers)) == len(st.layers), f"steering.layers={list(st.layers)} repeats a layer")
-    check(len(set(st.alphas)) == len(st.alphas), f"steering.alphas={list(st.alphas)} repeats an alpha")
+    check(
+        len(set(st.layers)) == len(st.layers),
+        f"steering.layers={list(st.layers)} repeats a layer: list each layer once",
+    )
+    check(
+        len(set(st.alphas)) == len(st.alphas),
+        f"steering.alphas={list(st.alphas)} repeats an alpha: list each alpha once",
+    )
     check(st.positions in ("all", "generated"), f"steering.positions={st.positions}: use all or generated")
     check(st.samples >= 1, f"steering.samples={st.samples} must be >= 1")
     check(
@@ -82,7 +89,9 @@ def validate_static(cfg: DictConfig) -> None:
     check(gen.temperature > 0, f"generation.temperature={gen.temperature} must be > 0")
     check(0 < gen.top_p <= 1, f"generation.top_p={gen.top_p} must be in (0, 1]")
     check(gen.batch_size >= 0, f"generation.batch_size={gen.batch_size}: use 0 (automatic) or a positive number")
-    check(gen.chat_template in ("auto", "on", "off"), f"generation.chat_template={gen.chat_template}: auto, on or off")
+    check(
+        gen.chat_template in ("auto", "on", "off"), f"generation.chat_template={gen.chat_template}: use auto, on or off"
+    )
     check(vec.source in ("compute", "file"), f"vectors.source={vec.source}: use compute or file")
     check(vec.source != "file" or bool(vec.path), "vectors.source=file needs vectors.path=<.safetensors, .pt or .gguf>")
     check(vec.batch_size > 0, f"vectors.batch_size={vec.batch_size} must be > 0")
@@ -128,6 +137,12 @@ def _check_slurm_array_env() -> None:
 
 def validate_model(cfg: DictConfig, need_checkpoint: bool = True):
     """Read config.json (never weights) and check layers against it. Returns the HF config."""
+    if cfg.model.path and Path(cfg.model.path).expanduser().is_dir():
+        folder = Path(cfg.model.path).expanduser()
+        check(
+            (folder / "config.json").is_file(),
+            f"model.path {folder} has no config.json: point model.path at a checkpoint folder (config.json + weights)",
+        )
     try:
         hf = read_model_config(cfg.model, need_checkpoint=need_checkpoint)
     except (LoadError, OSError, ValueError) as e:
@@ -144,10 +159,26 @@ def validate_model(cfg: DictConfig, need_checkpoint: bool = True):
         f"steering.layers {bad} out of range: {cfg.model.name} has {n} layers (0..{n - 1}): change steering.layers",
     )
     if need_checkpoint:
+        _check_weight_files(cfg)
         _check_layer_list(cfg, hf)
         if cfg.generation.chat_template == "on":
             _check_chat_template(cfg)
     return hf
+
+
+WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.ckpt", "*.gguf")
+
+
+def _check_weight_files(cfg: DictConfig) -> None:
+    """A local model.path folder must hold weight files, not only config.json (nothing is read)."""
+    if not cfg.model.path:
+        return
+    p = Path(cfg.model.path).expanduser()
+    check(
+        not p.is_dir() or any(next(p.glob(g), None) for g in WEIGHT_GLOBS),
+        f"model.path {p} has a config.json but no weight files (*.safetensors, *.bin): "
+        "point model.path at the complete checkpoint folder",
+    )
 
 
 def _check_layer_list(cfg: DictConfig, hf) -> None:
@@ -168,8 +199,6 @@ def _check_layer_list(cfg: DictConfig, hf) -> None:
 
 def _check_chat_template(cfg: DictConfig) -> None:
     """generation.chat_template=on needs a tokenizer with a template; read it (no weights) to see."""
-    from pathlib import Path
-
     from .loading import resolve_model_path
 
     path = resolve_model_path(cfg.model)
