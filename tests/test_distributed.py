@@ -27,4 +27,5 @@ def test_torchrun_two_ranks_equal_single_process(direct, tmp_path):
     a = df.sort_values("cell_id")[cols].reset_index(drop=True)
     b = direct.sort_values("cell_id")[cols].reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b)
-    assert set(df.worker) == {"dp"}  # only rank 0 wrote
+    assert set(df.worker) == {"s0of1r0", "s0of1r1"}  # each row says which rank generated it
+    assert {p.name.split("-")[1] for p in (run_dir / "parts").glob("part-*.parquet")} == {"dp"}  # rank 0 wrote
