@@ -104,3 +104,23 @@ def test_shared_prefill_equals_plain_generated_steering(tiny, tokenizer):
         single = generate_rows(tiny, tokenizer, [ids[i]], [rows[i]], gen_cfg(), positions="generated")[0]
         assert single.token_ids == shared[i].token_ids
     assert len({tuple(c.token_ids) for c in shared}) > 3
+
+
+def test_identical_rows_generated_once(tiny, tokenizer):
+    """alpha 0 on three layers is one unsteered row: decoded once, copied to all three."""
+    from steersweep.hooks import get_layers
+
+    ids = ids_of(tokenizer)[:2]
+    v = torch.randn(32)
+    rows = [(layer, 0.0, v) for layer in (0, 1, 2)] * 2 + [(1, 2.0, v)] * 2
+    prompt_ids = [ids[0]] * 3 + [ids[1]] * 3 + ids
+    batch_sizes = []
+    h = get_layers(tiny)[0].register_forward_hook(lambda m, a, o: batch_sizes.append(o.shape[0]))
+    try:
+        out = generate_rows(tiny, tokenizer, prompt_ids, rows, gen_cfg())
+    finally:
+        h.remove()
+    assert set(batch_sizes) == {4}  # 2 baselines + 2 steered rows, not 8
+    assert out[0].token_ids == out[1].token_ids == out[2].token_ids
+    alone = generate_rows(tiny, tokenizer, [ids[1]], [(1, 2.0, v)], gen_cfg())[0]
+    assert out[7].token_ids == alone.token_ids

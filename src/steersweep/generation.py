@@ -124,7 +124,25 @@ def generate_rows(
         shared_prefill: with positions="generated", run each distinct prompt's unsteered prefix
             once and give every row a copy of its KV cache (rows of one prompt differ only from
             the last prompt token on).
+
+    Identical rows are generated once: alpha 0 is the same unsteered completion whatever the
+    layer, so a sweep over L layers would otherwise decode each greedy baseline L times.
     """
+    keys = [
+        (tuple(p), None if a == 0 else (layer, float(a), id(v)), seeds[i] if gen.do_sample and seeds else None)
+        for i, (p, (layer, a, v)) in enumerate(zip(prompt_ids, steering, strict=True))
+    ]
+    first: dict[tuple, int] = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    if len(first) < len(keys):
+        idx = list(first.values())
+        out = generate_rows(
+            model, tokenizer, [prompt_ids[i] for i in idx], [steering[i] for i in idx], gen,
+            [seeds[i] for i in idx] if seeds is not None else None, positions, layers_path, shared_prefill,
+        )  # fmt: skip
+        by_key = dict(zip(first, out, strict=True))
+        return [by_key[k] for k in keys]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids, mask = left_pad(prompt_ids, pad)
     device = model.get_input_embeddings().weight.device
