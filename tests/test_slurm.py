@@ -66,7 +66,7 @@ def assert_same_table(run_dir: Path, direct: pd.DataFrame) -> pd.DataFrame:
 def test_submit_script_matches_direct_run(cluster, direct, tmp_path):
     run_dir = tmp_path / "with space's" / "run"  # hostile path through sbatch and Hydra
     t0 = time.time()
-    job = sbatch(tmp_path, f"run_dir='{run_dir}'")
+    job = sbatch(tmp_path, f'run_dir="{run_dir}"')  # Hydra syntax: double quotes hold the apostrophe
     print(f"sbatch job {job}: {time.time() - t0:.1f} s")
     assert state(job) == "COMPLETED"
     df = assert_same_table(run_dir, direct)
