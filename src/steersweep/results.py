@@ -149,6 +149,21 @@ class RunFolder:
         frames, _ = self.read_parts(columns=["cell_id"])
         return set().union(*(set(f["cell_id"]) for f in frames)) if frames else set()
 
+    def behavior_done(self) -> dict[tuple[int, float], tuple[float, float]]:
+        """(layer, alpha) -> (behavior_prob, its sem) from rows already written."""
+        cols = ["layer", "alpha", "behavior_prob", "behavior_prob_sem"]
+        out = {}
+        for p in self.part_files():
+            try:
+                if not set(cols) <= set(pq.read_schema(p).names):
+                    continue
+                df = pq.read_table(p, columns=cols).to_pandas().dropna()
+            except Exception:  # unreadable parts are reported by read_parts
+                continue
+            for r in df.itertuples(index=False):
+                out[(int(r.layer), float(r.alpha))] = (float(r.behavior_prob), float(r.behavior_prob_sem))
+        return out
+
     def merge(self, csv: bool = False) -> tuple[pd.DataFrame, Path]:
         """Concatenate all parts into results.parquet: one row per cell id, sorted."""
         frames, bad = self.read_parts()

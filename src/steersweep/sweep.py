@@ -248,9 +248,9 @@ def generate_cells(
     names = list(cfg.eval.metrics)
     patterns = dict(cfg.eval.regex)
     lists = inputs.get("word_lists", {})
-    behavior = {}
-    if "behavior_prob" in names:
-        behavior = behavior_table(cfg, model, tokenizer, vs, inputs, sorted({(c.layer, c.alpha) for c in todo}))
+    # behavior_prob is per (layer, alpha): scored lazily, batch by batch, and seeded from rows already
+    # written, so a job killed early and restarted never redoes (or waits on) the whole table.
+    behavior = folder.behavior_done() if "behavior_prob" in names else None
     judge = None
     if cfg.eval.judge is not None:
         from .judge import Judge
@@ -274,6 +274,10 @@ def generate_cells(
                            layers_path=cfg.model.layers_path)
             if "perplexity" in names else [None] * len(chunk)
         )  # fmt: skip
+        if behavior is not None:
+            new = sorted({(c.layer, c.alpha) for c in chunk} - set(behavior))
+            if new:
+                behavior.update(behavior_table(cfg, model, tokenizer, vs, inputs, new))
         judged = judge.score([c.prompt for c in chunk], [o.text for o in outs]) if judge else [None] * len(chunk)
         rows = []
         for c, o, p, j in zip(chunk, outs, ppl, judged, strict=True):
@@ -293,7 +297,7 @@ def generate_cells(
                 row["perplexity"] = p
             if j is not None:
                 row["judge_score"] = j
-            if behavior:
+            if behavior is not None:
                 row["behavior_prob"], row["behavior_prob_sem"] = behavior[(c.layer, c.alpha)]
             rows.append(row)
         if dist.world > 1:
