@@ -257,6 +257,9 @@ def generate_cells(
 
         judge = Judge(cfg.eval.judge)
     worker = f"s{shard_tag(cfg)}" + (f"r{dist.rank}" if dist.world > 1 else "")
+    # per-layer constants of every row (hashing a vector per row would be wasted work)
+    vec_ids = {layer: vs.vector_id(layer) for layer in vs.vectors}
+    norms = {layer: vs.norm(layer) for layer in vs.vectors}
     bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not cfg.progress or not dist.is_main)
     written = 0
 
@@ -281,13 +284,13 @@ def generate_cells(
         judged = judge.score([c.prompt for c in chunk], [o.text for o in outs]) if judge else [None] * len(chunk)
         rows = []
         for c, o, p, j in zip(chunk, outs, ppl, judged, strict=True):
-            norm = vs.norm(c.layer)
+            norm = norms[c.layer]
             resid = vs.resid_norms.get(c.layer)
             row = {
                 "run_id": folder.path.name, "cell_id": c.cell_id, "model": cfg.model.name, "layer": c.layer,
                 "hook_name": hook_name(c.layer), "alpha": c.alpha,
                 "alpha_rel": c.alpha * norm / resid if resid else None,
-                "vector_id": vs.vector_id(c.layer), "vector_norm": norm, "prompt_id": c.prompt_id,
+                "vector_id": vec_ids[c.layer], "vector_norm": norm, "prompt_id": c.prompt_id,
                 "prompt": c.prompt, "sample": c.sample, "seed": c.seed, "completion": o.text,
                 "n_new_tokens": o.n_new_tokens, "stop_reason": o.stop_reason,
                 "seconds": seconds / len(chunk), "worker": worker,
