@@ -57,14 +57,30 @@ def expand(cfg: DictConfig, prompts: list[dict]) -> list[Cell]:
 
 
 def shard_of(cfg: DictConfig) -> tuple[int, int]:
-    """This worker's (index, count): config, else the Slurm array task, else (0, 1)."""
+    """This worker's (index, count): config, else the Slurm array task, else (0, 1).
+
+    Bad Slurm array variables are refused here, where they are read, so no worker silently takes
+    the wrong cells.
+    """
     if cfg.shard_count is not None:
         return int(cfg.shard_index or 0), int(cfg.shard_count)
     count = os.environ.get("SLURM_ARRAY_TASK_COUNT")
-    if count:
-        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return int(os.environ["SLURM_ARRAY_TASK_ID"]) - first, int(count)
-    return 0, 1
+    if not count:
+        return 0, 1
+    raw = {k: os.environ.get(k) for k in ("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN")}
+    try:
+        n, i, first = int(count), int(raw["SLURM_ARRAY_TASK_ID"] or ""), int(raw["SLURM_ARRAY_TASK_MIN"] or 0)
+    except ValueError:
+        shown = " ".join(f"{k}={v}" for k, v in raw.items() if v is not None)
+        raise ConfigError(
+            f"Slurm array environment is not integers ({shown}): unset it or set shard_index and shard_count"
+        ) from None
+    if not (n >= 1 and 0 <= i - first < n):
+        raise ConfigError(
+            f"Slurm array task {i} (min {first}) is not in a contiguous array of {n} tasks: "
+            f"submit --array=0-{max(n, 1) - 1}, or set shard_index and shard_count"
+        )
+    return i - first, n
 
 
 def run_folder(cfg: DictConfig) -> RunFolder:
@@ -165,6 +181,7 @@ def manifest(cfg: DictConfig, vs: VectorSet | None, load_info: dict | None, shar
 def prepare(cfg: DictConfig) -> dict:
     """Everything that can fail before a weight is read: validation, inputs, folder, resume set."""
     validate_static(cfg)
+    shard = shard_of(cfg)
     hf = validate_model(cfg)
     inputs = validate_inputs(cfg, hf)
     folder = run_folder(cfg)
@@ -174,7 +191,6 @@ def prepare(cfg: DictConfig) -> dict:
     except ResultsError as e:
         raise ConfigError(str(e)) from None
     cells = expand(cfg, inputs["prompts"])
-    shard = shard_of(cfg)
     done = folder.done_cells()
     todo = [c for c in cells if c.cell_id not in done][shard[0] :: shard[1]]
     return {"hf": hf, "inputs": inputs, "folder": folder, "cells": cells, "todo": todo, "shard": shard, "done": done}

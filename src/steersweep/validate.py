@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -111,28 +110,6 @@ def validate_static(cfg: DictConfig) -> None:
             cfg.shard_index is not None and 0 <= cfg.shard_index < cfg.shard_count,
             f"shard_index={cfg.shard_index} must be in [0, shard_count={cfg.shard_count})",
         )
-    else:
-        _check_slurm_array_env()
-
-
-def _check_slurm_array_env() -> None:
-    """The Slurm array variables that `sweep.shard_of` turns into (index, count) must make sense."""
-    count = os.environ.get("SLURM_ARRAY_TASK_COUNT")
-    if not count:
-        return
-    raw = {k: os.environ.get(k) for k in ("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN")}
-    try:
-        n, i, first = int(count), int(raw["SLURM_ARRAY_TASK_ID"] or ""), int(raw["SLURM_ARRAY_TASK_MIN"] or 0)
-    except ValueError:
-        shown = " ".join(f"{k}={v}" for k, v in raw.items() if v is not None)
-        raise ConfigError(
-            f"Slurm array environment is not integers ({shown}): unset it or set shard_index and shard_count"
-        ) from None
-    check(
-        n >= 1 and 0 <= i - first < n,
-        f"Slurm array task {i} (min {first}) is not in a contiguous array of {n} tasks: submit --array=0-{max(n, 1) - 1}, "
-        "or set shard_index and shard_count",
-    )
 
 
 def validate_model(cfg: DictConfig, need_checkpoint: bool = True):
