@@ -163,7 +163,8 @@ STATIC = [
     (["task=train"], r"^task=train is unknown: use one of run, plan"),
     (["prompts.limit=0"], r"^prompts\.limit=0 must be >= 1 \(or null"),
     (["shard_count=2", "shard_index=2"], r"^shard_index=2 must be in \[0, shard_count=2\)"),
-    (["shard_count=0"], r"^shard_count=0 must be >= 1"),
+    (["shard_count=0"], r"^shard_count=0: use a number >= 1, auto \(the Slurm array task\), or null"),
+    (["shard_index=1"], r"^shard_index=1 needs shard_count=<number of shards>"),
 ]
 
 
@@ -302,17 +303,19 @@ def test_prompt_error_is_a_user_error():
 
 
 def test_prompt_longer_than_context(tmp_path, tokenizer):
-    """Needs the tokenizer, so it runs after loading: generate_cells on the tiny random Llama."""
+    """Needs the tokenizer, so it runs after loading: generate_batches on the tiny random Llama."""
     from conftest import tiny_llama
 
-    from steersweep.sweep import generate_cells
+    from steersweep.plan import Batch, Cell
+    from steersweep.sweep import generate_batches
 
     model = tiny_llama()  # max_position_embeddings=256
     folder = RunFolder(tmp_path / "run")
     folder.create()
     inputs = {"prompts": [{"id": "long", "prompt": "word " * 400}, {"id": "short", "prompt": "Hi"}]}
     with pytest.raises(ConfigError) as ei:
-        generate_cells(make(), model, tokenizer, None, inputs, [], folder, None)
+        cell = Cell("c", 1, 1.0, "long", "word " * 400, 0, 0)
+        generate_batches(make(), model, tokenizer, None, inputs, [Batch(0, (cell,))], folder, "w")
     msg = one_line(ei.value)
     assert re.search(r"^prompt\(s\) \['long'\] plus max_new_tokens=32 exceed the model's context of 256 tokens: ", msg)
     assert "shorten them or lower generation.max_new_tokens" in msg
@@ -501,8 +504,18 @@ def test_unknown_dataset_name(tmp_path, no_weights):
 def test_slurm_array_env_refused(env, match, tmp_path, no_weights, monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    msg = refused(make(run_dir=str(tmp_path / "run")), match, ConfigError)
+    msg = refused(make("shard_count=auto", run_dir=str(tmp_path / "run")), match, ConfigError)
     assert "set shard_index and shard_count" in msg
+
+
+def test_slurm_array_env_ignored_without_shard_count_auto(tmp_path, monkeypatch):
+    """A job of a Hydra multirun sees the sweep's array variables: it must not shard by them."""
+    from steersweep.plan import shard_of
+
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    assert shard_of(make(run_dir=str(tmp_path / "run"))) == (0, 1)
+    assert shard_of(make("shard_count=auto", run_dir=str(tmp_path / "run"))) == (1, 2)
 
 
 def test_run_dir_under_a_regular_file(tmp_path, no_weights):
@@ -535,18 +548,18 @@ def test_results_root_read_only(tmp_path, no_weights):
 
 
 def test_resume_with_a_different_config_refused(tmp_path, no_weights):
-    from steersweep.sweep import identity
+    from steersweep.sweep import prepare
 
     run = tmp_path / "run"
-    folder = RunFolder(run)
-    folder.create()
-    folder.write_manifest({"identity": identity(make("steering.positions=generated", "generation.max_new_tokens=8"))})
-    before = folder.manifest_path.read_text()
+    prepare(make("steering.positions=generated", "generation.max_new_tokens=8", run_dir=str(run)))  # claims it
+    before = (run / "plan.json").read_text()
     msg = refused(
-        make(run_dir=str(run)), r"^run folder .* holds rows made with a different generation, steering\.positions: "
+        make(run_dir=str(run)),
+        r"^run folder .* holds the plan of another config \(differs in generation\.max_new_tokens, "
+        r"steering\.positions\): ",
     )
-    assert "set run_dir (or run_name) to a new folder, or restore the old settings" in msg
-    assert folder.manifest_path.read_text() == before
+    assert "drop run_dir/run_name to get a folder of its own, or restore those settings" in msg
+    assert (run / "plan.json").read_text() == before
 
 
 def test_disk_full_during_part_write(tmp_path, monkeypatch):
@@ -590,11 +603,9 @@ def _cli_cases():
         return [f"run_dir={d / 'file' / 'run'}"]
 
     def resume(d):
-        from steersweep.sweep import identity
+        from steersweep.sweep import prepare
 
-        folder = RunFolder(d / "run")
-        folder.create()
-        folder.write_manifest({"identity": identity(make("generation.max_new_tokens=8"))})
+        prepare(make("generation.max_new_tokens=8", run_dir=str(d / "run")))
         return []
 
     return [
@@ -606,7 +617,7 @@ def _cli_cases():
         ("malformed-jsonl", malformed, r"p\.jsonl:2: not valid JSON .*: fix or remove that line"),
         ("model-path", lambda d: [f"model.path={d / 'no-model'}"], r"model path .*no-model.* is not a folder with a config\.json"),
         ("unwritable-run-dir", under_file, r"is not writable \(Not a directory\): choose another run_dir"),
-        ("resume-other-config", resume, r"holds rows made with a different generation: set run_dir"),
+        ("resume-other-config", resume, r"holds the plan of another config \(differs in generation\.max_new_tokens\): drop run_dir"),
     ]  # fmt: skip
 
 

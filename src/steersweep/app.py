@@ -1,4 +1,4 @@
-"""Task dispatch behind `run_experiment.py`: run, plan, vectors, merge, report."""
+"""Task dispatch behind `run_experiment.py`: run, plan, status, vectors, merge, report."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from .data import DatasetError
 from .generation import PromptError
 from .hooks import LayerLookupError
 from .loading import LoadError, max_memory, parse_hardware, plan_device_map, torch_dtype
+from .plan import PlanError
 from .results import ResultsError
 from .validate import ConfigError, validate_model, validate_static
 from .vectors import VectorError
@@ -19,7 +20,9 @@ from .vectors import VectorError
 log = logging.getLogger("steersweep")
 
 # Errors that mean "the user asked for something impossible": one line, exit status 2.
-USER_ERRORS = (ConfigError, DatasetError, LayerLookupError, LoadError, PromptError, ResultsError, VectorError)
+USER_ERRORS = (
+    ConfigError, DatasetError, LayerLookupError, LoadError, PlanError, PromptError, ResultsError, VectorError,
+)  # fmt: skip
 
 
 def plan(cfg: DictConfig) -> list:
@@ -58,13 +61,18 @@ def run(cfg: DictConfig) -> dict | list | Path:
     set_threads()
     if cfg.task == "plan":
         return plan(cfg)
-    if cfg.task in ("merge", "report"):
-        from .results import RunFolder
-        from .sweep import run_folder
+    if cfg.task in ("merge", "report", "status"):
+        from .plan import read_plan_doc
+        from .sweep import run_folder, status
 
-        folder = RunFolder(cfg.run_dir) if cfg.run_dir else run_folder(cfg)
+        folder = run_folder(cfg)
+        if not folder.path.is_dir():
+            raise ConfigError(f"run folder {folder.path} does not exist: set run_dir to a run's folder")
+        if cfg.task == "status":
+            return status(folder)
         if cfg.task == "merge" or not (folder.path / "results.parquet").is_file():
-            df, path = folder.merge(csv=cfg.report.csv)
+            doc = read_plan_doc(folder.path)
+            df, path = folder.merge(csv=cfg.report.csv, keep={r[0] for r in doc["cells"]} if doc else None)
             print(f"merged {len(df)} rows into {path}")
             if cfg.task == "merge":
                 return path

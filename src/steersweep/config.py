@@ -130,17 +130,17 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     experiment: Any = None  # experiment presets write into the groups above (`# @package _global_`)
-    task: str = "run"  # run | plan | vectors | merge | report
-    run_dir: str | None = None  # results folder; reuse one to resume; null = results/<run_name>
-    run_name: str | None = None  # folder name under results_root; null = <model>-<concept>
+    task: str = "run"  # run | plan | status | vectors | merge | report
+    run_dir: str | None = None  # exact results folder; null = <results_root>/<run_name>-<identity hash>
+    run_name: str | None = None  # readable part of the default folder name; null = <model>-<concept>
     results_root: str = "results"  # parent of run folders (relative to the project root)
-    shard_index: int | None = None  # this worker's share of the cells; null = SLURM_ARRAY_TASK_ID or 0
-    shard_count: int | None = None  # number of workers; null = SLURM_ARRAY_TASK_COUNT or 1
+    shard_index: int | None = None  # this job's shard (0-based) when shard_count is a number
+    shard_count: Any = None  # null = no sharding; N = N shards; auto = the Slurm array (sbatch --array)
     data_parallel: bool = False  # under torchrun: one replica per process, rank 0 writes
     progress: bool = True  # progress bar over cells
 
 
-TASKS = ("run", "plan", "vectors", "merge", "report")
+TASKS = ("run", "plan", "status", "vectors", "merge", "report")
 
 
 def register_configs() -> None:

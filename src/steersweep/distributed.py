@@ -1,17 +1,26 @@
 """Data parallelism inside a node: one model replica per process (field report 01's pattern).
 
-Rank 0 prepares the work list and broadcasts it (`broadcast_object_list`); each rank takes
-`cells[rank::world]`; rows come back to rank 0 with `gather_object([rows])` (a list: a dict would
-be flattened into its keys) and only rank 0 writes. No DDP and no autograd: inference only.
-Start it with `torchrun --nproc_per_node N run_experiment.py data_parallel=true ...`.
+Rank 0 prepares (validates, claims the run folder's plan) and broadcasts the result
+(`broadcast_object_list`), errors included, so no rank waits on a broadcast that never comes.
+Each rank is then one more worker of the plan: it takes its own planned batches and writes its own
+part files (atomic, like any shard's). There is no collective per batch, so nothing a rank decides
+alone (an out-of-memory back-off, a batch that fails) can make the ranks join different numbers of
+collectives. They meet once more at the end (`gather_object([status])`): a rank that failed makes
+every rank exit with its error. Start it with
+`torchrun --nproc_per_node N run_experiment.py data_parallel=true ...`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+
+class RankError(RuntimeError):
+    """Another data-parallel rank failed."""
 
 
 @dataclass
@@ -45,16 +54,37 @@ class Dist:
         broadcast_object_list(box, from_process=0)  # fills the list in place
         return box[0]
 
-    def gather(self, rows: list[dict]) -> list[dict]:
-        """All ranks' rows, on every rank (only rank 0 uses them)."""
+    def call_on_main(self, fn: Callable[[], object]):
+        """Run `fn` on rank 0 and give every rank its result, or raise its error on every rank."""
+        out = None
+        if self.is_main:
+            try:
+                out = ("ok", fn())
+            except Exception as e:  # the other ranks must learn of it, not wait in the broadcast
+                out = ("error", e)
+        out = self.broadcast(out)
+        if out[0] == "error":
+            raise out[1]
+        return out[1]
+
+    def gather(self, obj) -> list:
+        """One object per rank, in rank order, on every rank."""
         if self.world == 1:
-            return rows
+            return [obj]
         from accelerate.utils import gather_object
 
-        parts = gather_object([rows])  # one list per rank
-        return [r for part in parts for r in part]
+        return gather_object([obj])  # a list: a dict would be flattened into its keys
 
-    def max_int(self, x: int) -> int:
+    def raise_any(self, error: BaseException | None) -> None:
+        """Every rank calls this once at the end: if any rank failed, all raise its error."""
         if self.world == 1:
-            return x
-        return max(self.gather([{"x": x}]), key=lambda d: d["x"])["x"]
+            if error is not None:
+                raise error
+            return
+        errors = self.gather(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        if failed:
+            r, e = failed[0]
+            raise RankError(f"data-parallel rank {r} failed ({e}); rerun the same command to resume")

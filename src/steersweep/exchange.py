@@ -1,4 +1,5 @@
-"""Vector exchange with llama.cpp and repeng: control-vector GGUF files.
+"""Vector exchange with llama.cpp and repeng: writing control-vector GGUF files (reading them is
+`vectors.load`, which dispatches on every vector format in one place).
 
 Format: GGUF with `general.architecture = "controlvector"`, `controlvector.model_hint`,
 `controlvector.layer_count`, and one float32 tensor `direction.{k}` per layer. llama.cpp adds
@@ -18,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ARCH = "controlvector"
+from .vectors import GGUF_ARCH as ARCH
 
 
 def write_control_vector(vectors: dict[int, torch.Tensor], path: str | Path, model_hint: str = "") -> Path:
     """Write {layer: vector} as a llama.cpp control-vector GGUF (float32, exact)."""
     if 0 in vectors:
         raise ValueError("llama.cpp control vectors cannot steer layer 0: drop it before exporting")
-    from .results import atomic_write_bytes
+    from .fileio import atomic_write_bytes
 
     path = Path(path)
     atomic_write_bytes(path, lambda tmp: _write_gguf(vectors, tmp, model_hint))
@@ -44,27 +45,6 @@ def _write_gguf(vectors: dict[int, torch.Tensor], tmp: Path, model_hint: str) ->
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-
-
-def read_control_vector(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a control-vector GGUF: ({"direction.k": tensor}, metadata)."""
-    from gguf import GGUFReader
-
-    from .vectors import VectorError
-
-    try:
-        r = GGUFReader(str(path))
-    except Exception as e:
-        raise VectorError(f"cannot read GGUF file {path}: {e}") from None
-    meta: dict[str, str] = {}
-    for name, field in r.fields.items():
-        if name.startswith(ARCH + ".") or name == "general.architecture":
-            value = field.parts[field.data[0]]
-            meta[name] = bytes(value).decode() if value.dtype == np.uint8 else str(value.tolist()[0])
-    if meta.get("general.architecture") != ARCH:
-        raise VectorError(f"{path} is not a control-vector GGUF (architecture {meta.get('general.architecture')!r})")
-    tensors = {t.name: torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(-1)) for t in r.tensors}
-    return tensors, {"model": meta.get(f"{ARCH}.model_hint", ""), "format": "gguf.controlvector"}
 
 
 def main(argv: list[str]) -> None:

@@ -237,13 +237,11 @@ def free_bytes(model) -> int:
     return min(free)
 
 
-def auto_batch_size(model, seq_len: int, gen: GenerationConfig) -> int:
-    """Rows per generate call: the configured size, else what the free memory holds (capped)."""
-    if gen.batch_size > 0:
-        return gen.batch_size
+def rows_that_fit(model, seq_len: int, cap: int) -> int:
+    """Rows per generate call that the free memory holds at this sequence length (at most `cap`)."""
     dtype_bytes = next(model.parameters()).element_size()
     per_row = row_bytes(model.config, seq_len, dtype_bytes)
-    return max(1, min(gen.max_batch_size, free_bytes(model) // max(per_row, 1)))
+    return max(1, min(cap, free_bytes(model) // max(per_row, 1)))
 
 
 def is_oom(e: BaseException) -> bool:

@@ -42,6 +42,11 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def resolved_dtype_name(name: str) -> str:
+    """The dtype a config's `model.dtype` means on this machine ("auto" resolved)."""
+    return str(torch_dtype(name)).removeprefix("torch.")
+
+
 _UNITS = {
     "": 1, "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -25,7 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .faults import fault_point
+from .fileio import atomic_write_bytes, clean_stale_tmp
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ SCHEMA = pa.schema(
     [
         ("run_id", pa.string()),
         ("cell_id", pa.string()),
+        ("batch_id", pa.string()),  # the planned batch the row was generated in
         ("model", pa.string()),
         ("layer", pa.int32()),
         ("hook_name", pa.string()),
@@ -71,32 +72,6 @@ def table_from_rows(rows: list[dict]) -> pa.Table:
     return pa.table(cols, schema=pa.schema(fields))
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write through `write(tmp_path)`, fsync, then rename into place; remove the tmp on failure."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        fault_point("write")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 class RunFolder:
     """A run's results folder: parts, manifest, merge."""
 
@@ -110,6 +85,8 @@ class RunFolder:
             probe = self.parts / f".probe-{uuid.uuid4().hex[:8]}"
             probe.write_bytes(b"")
             probe.unlink()
+            for tmp in clean_stale_tmp(self.parts):
+                log.info("removed %s, left by a writer that was killed", tmp.name)
         except OSError as e:
             raise ResultsError(
                 f"results folder {self.path} is not writable ({e.strerror}): choose another run_dir or results_root"
@@ -164,12 +141,18 @@ class RunFolder:
                 out[(int(r.layer), float(r.alpha))] = (float(r.behavior_prob), float(r.behavior_prob_sem))
         return out
 
-    def merge(self, csv: bool = False) -> tuple[pd.DataFrame, Path]:
-        """Concatenate all parts into results.parquet: one row per cell id, sorted."""
+    def merge(self, csv: bool = False, keep: set[str] | None = None) -> tuple[pd.DataFrame, Path]:
+        """Concatenate all parts into results.parquet: one row per cell id, sorted.
+
+        Args:
+            keep: the plan's cell ids; rows of any other cell are left out of the table.
+        """
         frames, bad = self.read_parts()
         if not frames:
             raise ResultsError(f"no readable part files under {self.parts}: nothing to merge")
         df = pd.concat(frames, ignore_index=True)
+        if keep is not None:
+            df = df[df["cell_id"].isin(keep)]
         n = len(df)
         df = df.drop_duplicates("cell_id", keep="first")
         if len(df) < n:

@@ -104,11 +104,20 @@ def validate_static(cfg: DictConfig) -> None:
         cfg.eval.behavior_format in ("continuation", "ab"),
         f"eval.behavior_format={cfg.eval.behavior_format}: use continuation or ab",
     )
-    if cfg.shard_count is not None:
-        check(cfg.shard_count >= 1, f"shard_count={cfg.shard_count} must be >= 1")
+    n = cfg.shard_count
+    if n is not None and str(n) != "auto":
         check(
-            cfg.shard_index is not None and 0 <= cfg.shard_index < cfg.shard_count,
-            f"shard_index={cfg.shard_index} must be in [0, shard_count={cfg.shard_count})",
+            isinstance(n, int) and not isinstance(n, bool) and n >= 1,
+            f"shard_count={n}: use a number >= 1, auto (the Slurm array task), or null (no sharding)",
+        )
+        check(
+            cfg.shard_index is not None and 0 <= cfg.shard_index < n,
+            f"shard_index={cfg.shard_index} must be in [0, shard_count={n})",
+        )
+    else:
+        check(
+            cfg.shard_index is None,
+            f"shard_index={cfg.shard_index} needs shard_count=<number of shards> (with shard_count={n} it is unused)",
         )
 
 

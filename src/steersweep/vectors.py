@@ -18,8 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .fileio import atomic_write_bytes
 from .hooks import record
-from .results import atomic_write_bytes
 
 
 class VectorError(ValueError):
@@ -187,6 +187,29 @@ def save(vs: VectorSet, path: str | Path) -> Path:
     return path
 
 
+GGUF_ARCH = "controlvector"  # llama.cpp control vectors (see exchange.py)
+
+
+def read_control_vector(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a control-vector GGUF: ({"direction.k": tensor}, metadata)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    try:
+        r = GGUFReader(str(path))
+    except Exception as e:
+        raise VectorError(f"cannot read GGUF file {path}: {e}") from None
+    meta: dict[str, str] = {}
+    for name, fld in r.fields.items():
+        if name.startswith(GGUF_ARCH + ".") or name == "general.architecture":
+            value = fld.parts[fld.data[0]]
+            meta[name] = bytes(value).decode() if value.dtype == np.uint8 else str(value.tolist()[0])
+    if meta.get("general.architecture") != GGUF_ARCH:
+        raise VectorError(f"{path} is not a control-vector GGUF (architecture {meta.get('general.architecture')!r})")
+    tensors = {t.name: torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(-1)) for t in r.tensors}
+    return tensors, {"model": meta.get(f"{GGUF_ARCH}.model_hint", ""), "format": "gguf.controlvector"}
+
+
 _TL_KEY = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
 
 
@@ -235,8 +258,6 @@ def load(path: str | Path, concept: str | None = None) -> VectorSet:
             raise VectorError(f"{path} holds a {type(obj).__name__}; expected a dict of hook name -> tensor")
         raw = {str(k): v for k, v in obj.items()}
     elif suffix == ".gguf":
-        from .exchange import read_control_vector
-
         raw, meta = read_control_vector(path)
     else:
         raise VectorError(f"unsupported vector file type {suffix!r}: use .safetensors, .pt or .gguf")

@@ -1,0 +1,311 @@
+"""The plan: what a run folder holds and which worker makes which row, fixed before any weight is read.
+
+- **Identity**: the config keys that define what a row means (model, vectors, decoding, the grid,
+  prompts, metrics), with a short hash. The hash names the default folder and is part of every
+  cell id, so rows of two configs can never be mistaken for each other.
+- **Cells** (layer x alpha x prompt x sample) in one canonical order, cut into **batches** of a
+  fixed size. The batch a row is made in is part of the plan, so rows are a function of
+  (cell, plan), whatever order workers start, die or come back in.
+- **Dealing**: batch b belongs to worker `b % n_workers` over the *full* plan; only then are
+  finished batches dropped. A shard that starts late, is throttled, cancelled, requeued or run
+  twice therefore finds exactly its own batches still to do, and a run with one worker takes all.
+- **Claim**: the identity and the batch list are written into the folder atomically (`plan.json`)
+  before the model loads; a job whose identity differs is refused at once, naming the keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from .fileio import claim
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PLAN_FILE = "plan.json"
+PLAN_FORMAT = "steersweep.plan.v1"
+DEFAULT_BATCH = 64  # rows per planned batch when generation.batch_size=0
+
+# Keys under each identity group that never change a row (batching, placement, notes for humans).
+NOT_IDENTITY = {
+    "model": ("config_json", "device_map", "num_hidden_layers", "recommended_layers"),
+    "vectors": ("batch_size", "save"),
+    "generation": ("batch_size", "max_batch_size"),
+}
+IDENTITY_GROUPS = ("model", "vectors", "generation", "steering", "prompts", "eval")
+
+
+class PlanError(ValueError):
+    """The run folder's plan conflicts with this job (another identity, another version)."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    cell_id: str
+    layer: int
+    alpha: float
+    prompt_id: str
+    prompt: str
+    sample: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    index: int
+    cells: tuple[Cell, ...]
+
+    @property
+    def batch_id(self) -> str:
+        return f"b{self.index:05d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity
+
+
+def identity(cfg: DictConfig) -> dict:
+    """The row-defining config: every key that changes what a row means, with `auto` resolved."""
+    from .loading import resolved_dtype_name
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    out = {g: dict(c[g]) for g in IDENTITY_GROUPS}
+    for group, keys in NOT_IDENTITY.items():
+        for k in keys:
+            out[group].pop(k, None)
+    out["model"]["dtype"] = resolved_dtype_name(cfg.model.dtype)  # auto means different rows per machine
+    return out
+
+
+def identity_hash(ident: dict) -> str:
+    return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def differing_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted leaf keys whose values differ between two nested dicts."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b, name = old.get(k), new.get(k), f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differing_keys(a, b, name + ".")
+        elif json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            out.append(name)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Cells and batches
+
+
+def cell_key(ident_hash: str, layer: int, alpha: float, prompt_id: str, sample: int) -> str:
+    return hashlib.sha1(f"{ident_hash}|{layer}|{alpha!r}|{prompt_id}|{sample}".encode()).hexdigest()[:16]
+
+
+def cell_seed(base_seed: int, concept: str, layer: int, alpha: float, prompt_id: str, sample: int) -> int:
+    """Sampling seed of a cell: its coordinates only, so a cell samples alike in any grid or folder."""
+    h = int(hashlib.sha1(f"{concept}|{layer}|{alpha!r}|{prompt_id}|{sample}".encode()).hexdigest()[:16], 16)
+    return (base_seed * 1_000_003 + h) % 2**31
+
+
+def expand(cfg: DictConfig, prompts: list[dict], ident_hash: str) -> list[Cell]:
+    """prompts x layers x alphas x samples, in the canonical order.
+
+    Prompt-major: a batch then holds few distinct prompts (little padding; shared prefills and
+    the alpha-0 baseline, identical across layers, are computed once per prompt).
+    """
+    cells = []
+    layers, alphas = [int(x) for x in cfg.steering.layers], [float(x) for x in cfg.steering.alphas]
+    for p in prompts:
+        for layer in layers:
+            for alpha in alphas:
+                for s in range(cfg.steering.samples):
+                    cid = cell_key(ident_hash, layer, alpha, p["id"], s)
+                    seed = cell_seed(cfg.generation.seed, cfg.vectors.concept, layer, alpha, p["id"], s)
+                    cells.append(Cell(cid, layer, alpha, p["id"], p["prompt"], s, seed))
+    return cells
+
+
+def planned_batch_size(cfg: DictConfig) -> int:
+    return int(cfg.generation.batch_size) or DEFAULT_BATCH
+
+
+def cut(cells: list[Cell], size: int) -> list[Batch]:
+    return [Batch(i, tuple(cells[s : s + size])) for i, s in enumerate(range(0, len(cells), size))]
+
+
+def deal(batches: list[Batch], worker: int, n_workers: int) -> list[Batch]:
+    """The batches of one worker: a fixed function of the batch over the full plan."""
+    return [b for b in batches if b.index % n_workers == worker]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards
+
+
+def shard_of(cfg: DictConfig) -> tuple[int, int]:
+    """This job's (index, count) of shards. Sharding is explicit: nothing is read from the
+    environment unless `shard_count=auto`, which takes the Slurm array task (the sbatch script's
+    choice). A job started by a Hydra multirun (one Slurm array for all its jobs) never shards.
+    """
+    from .validate import ConfigError
+
+    if cfg.shard_count is None:
+        return 0, 1
+    if str(cfg.shard_count) != "auto":
+        return int(cfg.shard_index or 0), int(cfg.shard_count)
+    if _in_multirun():
+        raise ConfigError(
+            "shard_count=auto in a -m sweep would split every job's grid across the sweep's array: "
+            "drop it, or sweep shards explicitly (-m shard_count=2 shard_index=0,1)"
+        )
+    raw = {k: os.environ.get(k) for k in ("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN")}
+    if raw["SLURM_ARRAY_TASK_COUNT"] is None:
+        return 0, 1  # not an array job: one shard
+    try:
+        n, i = int(raw["SLURM_ARRAY_TASK_COUNT"] or ""), int(raw["SLURM_ARRAY_TASK_ID"] or "")
+        first = int(raw["SLURM_ARRAY_TASK_MIN"] or 0)
+    except ValueError:
+        shown = " ".join(f"{k}={v}" for k, v in raw.items() if v is not None)
+        raise ConfigError(
+            f"Slurm array environment is not integers ({shown}): unset it or set shard_index and shard_count"
+        ) from None
+    if not (n >= 1 and 0 <= i - first < n):
+        raise ConfigError(
+            f"Slurm array task {i} (min {first}) is not in a contiguous array of {n} tasks: "
+            f"submit --array=0-{max(n, 1) - 1}, or set shard_index and shard_count"
+        )
+    return i - first, n
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def worker_name(shard: tuple[int, int], rank: int = 0, world: int = 1) -> str:
+    return f"s{shard[0]}of{shard[1]}" + (f"r{rank}" if world > 1 else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders and the claim
+
+
+def folder_for(cfg: DictConfig, ident_hash: str) -> Path:
+    """`run_dir` as given, else `<results_root>/<run_name or model-concept>-<identity hash>`:
+    readable, and two configs never share a default folder."""
+    if cfg.run_dir:
+        return Path(cfg.run_dir).expanduser()
+    name = cfg.run_name or f"{cfg.model.name}-{cfg.vectors.concept}"
+    root = Path(cfg.results_root).expanduser()
+    return (root if root.is_absolute() else PROJECT_ROOT / root) / f"{name}-{ident_hash}"
+
+
+def launch_command() -> list[str]:
+    """The overrides of the running Hydra job (for `task=status` to say how to finish)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def finish_command(command: list[str], folder: Path) -> str:
+    keep = [a for a in command if a.split("=")[0].lstrip("+~") not in ("shard_index", "shard_count", "run_dir", "task")]
+    return " ".join(["python run_experiment.py", *map(shlex.quote, keep), shlex.quote(f"run_dir={folder}")])
+
+
+@dataclass
+class RunPlan:
+    """The claimed plan of a run folder."""
+
+    folder: Path
+    identity: dict
+    identity_hash: str
+    batch_size: int
+    batches: list[Batch]
+    command: list[str]
+
+    @property
+    def cells(self) -> list[Cell]:
+        return [c for b in self.batches for c in b.cells]
+
+
+def _plan_doc(ident: dict, ident_hash: str, size: int, cells: list[Cell], command: list[str]) -> dict:
+    return {
+        "format": PLAN_FORMAT,
+        "identity_hash": ident_hash,
+        "identity": ident,
+        "batch_size": size,
+        "n_cells": len(cells),
+        "n_batches": -(-len(cells) // size) if cells else 0,
+        # canonical order; batch b = cells[b * batch_size : (b + 1) * batch_size]
+        "cells": [[c.cell_id, c.layer, c.alpha, c.prompt_id, c.sample] for c in cells],
+        "command": command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def read_plan_doc(folder: Path) -> dict | None:
+    p = Path(folder) / PLAN_FILE
+    if not p.is_file():
+        return None
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PlanError(f"{p} is unreadable ({e}): move the folder aside or choose another run_dir") from None
+    if doc.get("format") != PLAN_FORMAT:
+        raise PlanError(f"{p} was written by another steersweep version: choose another run_dir")
+    return doc
+
+
+def claim_plan(cfg: DictConfig, folder: Path, cells: list[Cell], ident: dict, ident_hash: str) -> RunPlan:
+    """Claim the folder for this identity and plan, or join the plan already claimed there.
+
+    The first job writes plan.json atomically (exclusive create); every later job (a resume, a
+    requeue, another shard, a concurrent twin) must have the same identity, and then uses the
+    folder's batch size and order whatever its own `generation.batch_size` says, so work is never
+    re-dealt. Raises PlanError naming the differing keys otherwise.
+    """
+    folder = Path(folder)
+    size = planned_batch_size(cfg)
+    doc = read_plan_doc(folder)
+    if doc is None:
+        if (folder / "manifest.json").exists():
+            raise PlanError(
+                f"run folder {folder} was made by an older steersweep (no {PLAN_FILE}): choose another run_dir"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(_plan_doc(ident, ident_hash, size, cells, launch_command()), indent=1, default=str)
+        if not claim(folder / PLAN_FILE, text):  # a concurrent job claimed it first: join or refuse
+            doc = read_plan_doc(folder)
+    if doc is None:
+        doc = json.loads((folder / PLAN_FILE).read_text())
+    diff = differing_keys(doc["identity"], json.loads(json.dumps(ident, default=str)))
+    if diff or doc["identity_hash"] != ident_hash:
+        shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
+        raise PlanError(
+            f"run folder {folder} holds the plan of another config (differs in {shown or 'version'}): "
+            "drop run_dir/run_name to get a folder of its own, or restore those settings"
+        )
+    by_id = {c.cell_id: c for c in cells}
+    order = [row[0] for row in doc["cells"]]
+    if set(order) != set(by_id) or len(order) != len(by_id):
+        raise PlanError(f"{folder / PLAN_FILE} lists other cells than this config makes: choose another run_dir")
+    size = int(doc["batch_size"])
+    if planned_batch_size(cfg) != size and cfg.generation.batch_size:
+        import logging
+
+        logging.getLogger(__name__).info(
+            "using the folder's planned batch size %d (this command asked for %d): work is never re-dealt",
+            size, cfg.generation.batch_size,
+        )  # fmt: skip
+    batches = cut([by_id[i] for i in order], size)
+    return RunPlan(folder, ident, ident_hash, size, batches, list(doc.get("command") or []))

@@ -1,0 +1,99 @@
+"""Scoring stage: a finished batch of completions -> tidy rows with every configured metric.
+
+Runs in the same job while the model is loaded. behavior_prob is a property of a (layer, alpha)
+setting, not of one completion: it is scored lazily the first time a batch needs a setting, and
+seeded from rows already written, so a job killed early and restarted never redoes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from omegaconf import DictConfig
+
+from . import generation as G
+from . import metrics as M
+from .hooks import hook_name
+from .plan import Batch
+from .results import RunFolder
+from .vectors import VectorSet
+
+log = logging.getLogger(__name__)
+
+
+class Scorer:
+    """Builds the rows of finished batches; holds what is reused across batches."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        model,
+        tokenizer,
+        vs: VectorSet,
+        inputs: dict,
+        prompt_ids: dict[str, list[int]],
+        folder: RunFolder,
+    ):
+        self.cfg, self.model, self.tokenizer, self.vs, self.inputs = cfg, model, tokenizer, vs, inputs
+        self.prompt_ids = prompt_ids
+        self.run_id = folder.path.name
+        self.names = list(cfg.eval.metrics)
+        self.patterns = dict(cfg.eval.regex)
+        self.lists = inputs.get("word_lists", {})
+        self.behavior = folder.behavior_done() if "behavior_prob" in self.names else None
+        self.judge = None
+        if cfg.eval.judge is not None:
+            from .judge import Judge
+
+            self.judge = Judge(cfg.eval.judge)
+        # per-layer constants of every row (hashing a vector per row would be wasted work)
+        self.vec_ids = {layer: vs.vector_id(layer) for layer in vs.vectors}
+        self.norms = {layer: vs.norm(layer) for layer in vs.vectors}
+
+    def rows(self, batch: Batch, outs: list[G.Completion], seconds: float, worker: str) -> list[dict]:
+        cfg, cells = self.cfg, batch.cells
+        ppl = (
+            M.perplexities(self.model, [self.prompt_ids[c.prompt_id] for c in cells], [o.token_ids for o in outs],
+                           self.tokenizer.pad_token_id, layers_path=cfg.model.layers_path)
+            if "perplexity" in self.names else [None] * len(cells)
+        )  # fmt: skip
+        if self.behavior is not None:
+            new = sorted({(c.layer, c.alpha) for c in cells} - set(self.behavior))
+            if new:
+                self.behavior.update(self.behavior_table(new))
+        judged = self.judge.score([c.prompt for c in cells], [o.text for o in outs]) if self.judge else None
+        rows = []
+        for i, (c, o) in enumerate(zip(cells, outs, strict=True)):
+            norm, resid = self.norms[c.layer], self.vs.resid_norms.get(c.layer)
+            row = {
+                "run_id": self.run_id, "cell_id": c.cell_id, "batch_id": batch.batch_id, "model": cfg.model.name,
+                "layer": c.layer, "hook_name": hook_name(c.layer), "alpha": c.alpha,
+                "alpha_rel": c.alpha * norm / resid if resid else None,
+                "vector_id": self.vec_ids[c.layer], "vector_norm": norm, "prompt_id": c.prompt_id,
+                "prompt": c.prompt, "sample": c.sample, "seed": c.seed, "completion": o.text,
+                "n_new_tokens": o.n_new_tokens, "stop_reason": o.stop_reason,
+                "seconds": seconds / len(cells), "worker": worker,
+            }  # fmt: skip
+            row.update(M.text_metrics(o.text, o.token_ids, self.names, self.lists, self.patterns))
+            if ppl[i] is not None:
+                row["perplexity"] = ppl[i]
+            if judged is not None:
+                row["judge_score"] = judged[i]
+            if self.behavior is not None:
+                row["behavior_prob"], row["behavior_prob_sem"] = self.behavior[(c.layer, c.alpha)]
+            rows.append(row)
+        return rows
+
+    def behavior_table(self, settings: list[tuple[int, float]]) -> dict:
+        """behavior_prob (mean, sem) per (layer, alpha), scored once per setting with per-row steering."""
+        cfg, tok = self.cfg, self.tokenizer
+        t0 = time.perf_counter()
+        chat = G.use_chat_template(tok, cfg.generation.chat_template)
+        enc = M.encode_behavior_items(tok, self.inputs["behavior_items"], cfg.eval.behavior_format, chat)
+        rows = [(layer, alpha, self.vs.vectors[layer]) for layer, alpha in settings]
+        res = M.behavior_probs(self.model, enc, rows, tok.pad_token_id, 32, cfg.model.layers_path)
+        log.info(
+            "behavior_prob for %d settings x %d items in %.1f s", len(settings), len(enc), time.perf_counter() - t0
+        )
+        return dict(zip(settings, res, strict=True))
