@@ -144,6 +144,15 @@ def deal(batches: list[Batch], worker: int, n_workers: int) -> list[Batch]:
     return [b for b in batches if b.index % n_workers == worker]
 
 
+def todo(batches: list[Batch], done: set[str], worker: int, n_workers: int) -> list[Batch]:
+    """What a worker still has to do: its dealt batches minus those whose cells are all present.
+
+    Dealing happens first, over the full plan; finished work is dropped only afterwards, so the
+    share of a worker never depends on what other workers have finished.
+    """
+    return [b for b in deal(batches, worker, n_workers) if not all(c.cell_id in done for c in b.cells)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Shards
 

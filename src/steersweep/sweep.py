@@ -31,6 +31,7 @@ from .plan import (
     shard_of,
     worker_name,
 )
+from .plan import todo as plan_todo
 from .results import ResultsError, RunFolder, git_commit, host_info, package_versions
 from .scoring import Scorer
 from .validate import ConfigError, validate_inputs, validate_model, validate_static
@@ -85,8 +86,8 @@ def run_sweep(cfg: DictConfig, model=None, tokenizer=None, load_info: dict | Non
     st: Prepared = dist.call_on_main(lambda: prepare(cfg))
     folder, plan = st.folder, st.plan
     worker = worker_name(st.shard, dist.rank, dist.world)
-    mine = deal(plan.batches, st.shard[0] * dist.world + dist.rank, st.shard[1] * dist.world)
-    todo = [b for b in mine if not all(c.cell_id in st.done for c in b.cells)]
+    w, n = st.shard[0] * dist.world + dist.rank, st.shard[1] * dist.world  # this worker of n
+    mine, todo = deal(plan.batches, w, n), plan_todo(plan.batches, st.done, w, n)
     log.info(
         "run folder %s: %d cells in %d batches of %d, %d cells present; worker %s: %d of its %d batches to do",
         folder.path, len(plan.cells), len(plan.batches), plan.batch_size, len(st.done), worker, len(todo), len(mine),
