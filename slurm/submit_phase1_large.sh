@@ -1,10 +1,11 @@
 #!/bin/bash
 # Phase-1 steering sweep on one big GPU node: loads Llama-3-70B-Instruct once (90% of each GPU,
-# CPU spill), runs the whole layer x alpha x prompt grid, writes results/phase1_large/.
+# CPU spill), runs the whole layer x alpha x prompt grid, writes results/phase1_large-<hash>/.
 #
 #   sbatch slurm/submit_phase1_large.sh                          # 8 GPUs, the phase1_large preset
 #   sbatch --gpus-per-node=4 slurm/submit_phase1_large.sh        # 4-GPU variant (70B fits 4 x 80 GB)
-#   sbatch --array=0-3 slurm/submit_phase1_large.sh              # 4 replicas, each a quarter of the cells
+#   sbatch --array=0-3 slurm/submit_phase1_large.sh              # 4 replicas, each a quarter of the batches
+#   sbatch --array=0-3%1 slurm/submit_phase1_large.sh            # the same, one task at a time
 #   sbatch slurm/submit_phase1_large.sh 'steering.alphas=[0,2]'  # extra args are Hydra overrides
 #   # the local test cluster (no GPUs), embedded model:
 #   sbatch --partition=debug --gpus-per-node=0 --mem=4G --cpus-per-task=2 \
@@ -42,7 +43,9 @@ trap requeue USR2
 
 echo "[$(date +%T)] job ${SLURM_JOB_ID:-local} on $(hostname) restart ${SLURM_RESTART_COUNT:-0}, args: $*"
 # Run in the background and wait, so the shell can take the signal while Python runs.
-"$PYTHON" run_experiment.py experiment=phase1_large "hydra.run.dir=$LOG_DIR" "$@" &
+# shard_count=auto: an array job (--array=0-3) splits the planned batches between its tasks; a
+# plain job runs them all. Any task can be rerun or requeued: it redoes only its own missing batches.
+"$PYTHON" run_experiment.py experiment=phase1_large shard_count=auto "hydra.run.dir=$LOG_DIR" "$@" &
 PID=$!
 wait "$PID" || STATUS=$?
 # `wait` returns early (status > 128) when a trapped signal arrives: keep waiting for Python.

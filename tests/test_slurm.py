@@ -1,5 +1,6 @@
-"""Real Slurm (slurm/local/up.sh): the real submit script, arrays, scancel + resubmit, requeue,
-and Hydra's submitit launcher, all on the embedded model. Tables must equal a direct run's."""
+"""Real Slurm (slurm/local/up.sh): the real submit script, throttled and cancelled arrays, requeue,
+Hydra's submitit launcher (explicit shards, and a plain -m sweep), and two jobs aimed at one folder,
+all on the embedded model. Every table must equal a direct run's."""
 
 from __future__ import annotations
 
@@ -30,15 +31,21 @@ def cluster():
 
 
 def sbatch(tmp: Path, *args: str, wait: bool = True, sbatch_opts: tuple[str, ...] = ()) -> str:
+    tmp.mkdir(parents=True, exist_ok=True)  # Slurm does not create the log's folder
     opts = [*LOCAL, f"--output={tmp}/slurm-%A_%a.out", *sbatch_opts] + (["--wait"] if wait else [])
     r = sh("sbatch", "--parsable", *opts, "slurm/submit_phase1_large.sh", PRESET, *args, "progress=false",
-           timeout=900)  # fmt: skip
+           timeout=900, check=wait is False)  # fmt: skip
     return r.stdout.strip().split(";")[0]
 
 
+def states(job: str) -> dict[str, str]:
+    """{job or array task id: state} from accounting."""
+    r = sh("sacct", "-j", job, "-X", "-n", "-P", "-o", "JobID,State", check=False)
+    return {x.split("|")[0]: x.split("|")[1].split()[0] for x in r.stdout.strip().splitlines() if "|" in x}
+
+
 def state(job: str) -> str:
-    r = sh("sacct", "-j", job, "-X", "-n", "-P", "-o", "State", check=False)
-    return (r.stdout.strip().splitlines() or ["PENDING"])[0].split()[0]
+    return states(job).get(job, "PENDING")
 
 
 def wait_for(pred, timeout: float, what: str):
@@ -60,6 +67,8 @@ def assert_same_table(run_dir: Path, direct: pd.DataFrame) -> pd.DataFrame:
         a = df.sort_values("cell_id")[col].to_numpy()
         b = direct.sort_values("cell_id")[col].to_numpy()
         assert abs(a - b).max() < 1e-3, col
+    parts = pd.concat([pd.read_parquet(p) for p in (run_dir / "parts").glob("part-*.parquet")])
+    assert len(parts) == len(df)  # no cell was made twice
     return df
 
 
@@ -75,27 +84,34 @@ def test_submit_script_matches_direct_run(cluster, direct, tmp_path):
     assert "48 rows in" in log
 
 
-def test_array_tasks_split_cells_and_merge(cluster, direct, tmp_path):
+def test_throttled_array_one_task_at_a_time(cluster, direct, tmp_path):
+    """`--array=0-2%1`: each task starts after the previous one finished. Dealing cells after
+    dropping finished ones gave the late tasks a shifted share and left cells to nobody."""
     run_dir = tmp_path / "run"
-    job = sbatch(tmp_path, f"run_dir={run_dir}", sbatch_opts=("--array=0-1", "--cpus-per-task=1"))  # 1 core each
-    assert state(job) == "COMPLETED"
+    job = sbatch(tmp_path, f"run_dir={run_dir}", sbatch_opts=("--array=0-2%1",))
+    assert set(states(job).values()) == {"COMPLETED"}, states(job)
     df = assert_same_table(run_dir, direct)
-    assert set(df.worker) == {"s0of2", "s1of2"}  # each array task wrote its own share
+    assert set(df.worker) == {"s0of3", "s1of3", "s2of3"}  # each task did its own share
+    logs = sorted(tmp_path.glob("slurm-*.out"))
+    assert len(logs) == 3 and sum("48 rows in" in p.read_text() for p in logs) == 1  # the last one merged
 
 
-def test_scancel_halfway_then_resubmit(cluster, direct, tmp_path):
+def test_array_task_cancelled_then_array_resubmitted(cluster, direct, tmp_path):
     run_dir = tmp_path / "run"
     parts = run_dir / "parts"
-    job = sbatch(tmp_path, f"run_dir={run_dir}", "generation.batch_size=4", wait=False)
-    wait_for(lambda: len(list(parts.glob("part-*.parquet"))) >= 2, 300, "two part files")
-    sh("scancel", job)
-    wait_for(lambda: state(job).startswith("CANCELLED"), 60, "CANCELLED")
-    n_parts = len(list(parts.glob("part-*.parquet")))
-    assert not (run_dir / "results.parquet").exists() and n_parts < 12
-    job2 = sbatch(tmp_path, f"run_dir={run_dir}", "generation.batch_size=4")
-    assert state(job2) == "COMPLETED"
-    df = assert_same_table(run_dir, direct)
-    print(f"cancelled {job} after {n_parts} parts; {job2} finished the rest: {len(df)} rows, each once")
+    job = sbatch(tmp_path, f"run_dir={run_dir}", "generation.batch_size=4", wait=False,
+                 sbatch_opts=("--array=0-1", "--cpus-per-task=1"))  # fmt: skip
+    wait_for(lambda: any(p.name.startswith("part-s1of2") for p in parts.glob("part-*.parquet")), 300, "a part of task 1")
+    sh("scancel", f"{job}_1")
+    wait_for(lambda: states(job).get(f"{job}_0") == "COMPLETED", 600, "task 0 to complete")
+    assert states(job).get(f"{job}_1", "").startswith("CANCELLED")
+    assert not (run_dir / "results.parquet").exists()  # task 1's batches are missing
+    st = sh(sys.executable, "run_experiment.py", "task=status", f"run_dir={run_dir}").stdout
+    print(st)
+    assert "shard 0 of 2: 24/24 cells" in st and "finish with: python run_experiment.py" in st
+    job2 = sbatch(tmp_path, f"run_dir={run_dir}", "generation.batch_size=4", sbatch_opts=("--array=0-1",))
+    assert set(states(job2).values()) == {"COMPLETED"}
+    assert_same_table(run_dir, direct)
 
 
 def test_requeue_resumes(cluster, direct, tmp_path):
@@ -118,3 +134,39 @@ def test_hydra_submitit_launcher_shards(cluster, direct, tmp_path):
        timeout=900)  # fmt: skip
     df = assert_same_table(run_dir, direct)
     assert set(df.worker) == {"s0of2", "s1of2"}
+
+
+def test_multirun_sweep_runs_every_job_whole(cluster, direct, tmp_path):
+    """The README's `-m` sweep: submitit submits it as ONE array, and each job used to read the
+    array variables as sharding and run half its grid. Each job must run its whole grid, into a
+    folder of its own (default names differ by the config's hash), and merge it."""
+    root = tmp_path / "results"
+    r = sh(sys.executable, "run_experiment.py", "-m", "hydra/launcher=local_slurm", PRESET, "prompts.limit=2,3",
+           f"results_root={root}", f"hydra.sweep.dir={tmp_path}/sweep", "progress=false", timeout=900)  # fmt: skip
+    folders = sorted(root.glob("phase1_small-*"))
+    assert len(folders) == 2, (folders, r.stderr[-2000:])
+    key = ["layer", "alpha", "prompt_id"]
+    ref = direct.set_index(key)
+    for folder in folders:
+        df = pd.read_parquet(folder / "results.parquet")
+        n = df.prompt_id.nunique()
+        assert len(df) == 2 * 4 * n and df.cell_id.is_unique and set(df.worker) == {"s0of1"}
+        assert (df.set_index(key).completion == ref.loc[df.set_index(key).index].completion).all()
+    assert sorted(pd.read_parquet(f / "results.parquet").prompt_id.nunique() for f in folders) == [2, 3]
+
+
+def test_two_jobs_with_different_configs_into_one_folder(cluster, tmp_path):
+    """Started together, aimed at one run_dir: one claims it; the other is refused before loading."""
+    run_dir = tmp_path / "run"
+    a = sbatch(tmp_path / "a", f"run_dir={run_dir}", wait=False)
+    b = sbatch(tmp_path / "b", f"run_dir={run_dir}", "generation.max_new_tokens=5", wait=False)
+    done = ("COMPLETED", "FAILED", "CANCELLED")
+    wait_for(lambda: state(a) in done and state(b) in done, 600, "both jobs to end")
+    logs = {j: next((tmp_path / d).glob("slurm-*.out")).read_text() for j, d in ((a, "a"), (b, "b"))}
+    ok = [j for j in (a, b) if state(j) == "COMPLETED"]
+    refused = [j for j in (a, b) if state(j) == "FAILED"]
+    assert len(ok) == 1 and len(refused) == 1, {j: state(j) for j in (a, b)}
+    log = logs[refused[0]]
+    assert "error: run folder" in log and "holds the plan of another config (differs in generation.max_new_tokens)" in log
+    assert "memory budget" not in log and "loaded" not in log  # refused before any weight was read
+    assert len(pd.read_parquet(run_dir / "results.parquet")) == 48

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -147,3 +147,8 @@ def register_configs() -> None:
     """Register the schema so `conf/config.yaml` can name it as `base_config` in its defaults."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
+    # conf/config.yaml: jobs of a -m sweep launched at once: one for local subprocesses (each job
+    # uses every core), all for Slurm (one array)
+    OmegaConf.register_new_resolver(
+        "steersweep_jobs_at_once", lambda target: 1 if str(target).endswith("LocalLauncher") else None, replace=True
+    )

@@ -74,8 +74,7 @@ def identity(cfg: DictConfig) -> dict:
     """The row-defining config: every key that changes what a row means, with `auto` resolved."""
     from .loading import resolved_dtype_name
 
-    c = OmegaConf.to_container(cfg, resolve=True)
-    out = {g: dict(c[g]) for g in IDENTITY_GROUPS}
+    out = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in IDENTITY_GROUPS}
     for group, keys in NOT_IDENTITY.items():
         for k in keys:
             out[group].pop(k, None)

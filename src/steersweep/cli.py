@@ -1,0 +1,117 @@
+"""Checks the command line before Hydra runs it: one `error:` line and exit 2 instead of a traceback.
+
+A single run is composed once (a typo or a wrong type is one line). A `-m` sweep is expanded with
+Hydra's own sweeper rules and every job is composed and validated here, before anything is
+submitted: without this a bad value in one job ends, minutes later, as a submitit traceback. Two
+jobs of one sweep aimed at one folder with different configs are refused too.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def _compose_error(e: Exception) -> str:
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    msg = lines[0] if lines else type(e).__name__
+    if e.__cause__ is not None:
+        msg += " " + str(e.__cause__).strip().splitlines()[0]
+        typ = getattr(e.__cause__, "object_type", None)
+        if is_dataclass(typ):
+            msg += f"; valid keys: {', '.join(f.name for f in fields(typ))}"
+    elif any(x.startswith("Available options") for x in lines):  # a group option that does not exist
+        i = next(i for i, x in enumerate(lines) if x.startswith("Available options"))
+        opts = [x for x in lines[i + 1 :] if "=" not in x and not x.startswith("Config search path")]
+        msg += "; available: " + ", ".join(opts)
+    return msg
+
+
+def _sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The jobs of a `-m` sweep, as Hydra's basic sweeper will make them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides=overrides)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def _check_job(cfg) -> tuple[str | None, str | None]:
+    """Everything about one job that needs no weights; returns (its folder, identity hash)."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    from .plan import differing_keys, folder_for, identity, identity_hash, read_plan_doc, shard_of
+    from .validate import validate_inputs, validate_model, validate_static
+
+    validate_static(cfg)
+    shard_of(cfg)
+    if cfg.task not in ("run", "vectors"):
+        return None, None
+    hf = validate_model(cfg, need_checkpoint=False)  # the checkpoint may live only on compute nodes
+    validate_inputs(cfg, hf)
+    ident = identity(cfg)
+    h = identity_hash(ident)
+    try:
+        folder = folder_for(cfg, h)
+    except (InterpolationResolutionError, ValueError):  # run_dir=...${hydra:job.num}: a folder per job anyway
+        return None, h
+    doc = read_plan_doc(folder) if folder.is_dir() else None
+    if doc is not None and doc["identity_hash"] != h:
+        from .plan import PlanError
+
+        diff = differing_keys(doc["identity"], ident)
+        raise PlanError(
+            f"run folder {folder} holds the plan of another config (differs in {', '.join(diff[:6]) or 'version'}): "
+            "drop run_dir/run_name to get a folder of its own, or restore those settings"
+        )
+    return str(folder), h
+
+
+def precheck(argv: list[str], conf_dir: Path) -> None:
+    """Exit 2 with one `error:` line if the command line cannot run; return otherwise."""
+    multirun = any(a in MULTIRUN_FLAGS for a in argv)
+    flags = [a for a in argv if a.startswith("-") and a not in MULTIRUN_FLAGS]
+    if flags:  # --cfg, --help, --info...: Hydra's own handling
+        return
+    overrides = [a for a in argv if not a.startswith("-")]
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .app import USER_ERRORS
+
+    try:
+        jobs = _sweep_jobs(overrides) if multirun else [overrides]
+    except (HydraException, OmegaConfBaseException) as e:
+        _die(_compose_error(e))
+    seen: dict[str, tuple[int, str]] = {}
+    for n, job in enumerate(jobs):
+        where = f"job {n} ({' '.join(job)}): " if multirun and len(jobs) > 1 else ""
+        own = [a for a in job if not a.lstrip("+~").startswith("hydra")]  # launcher keys: Hydra's
+        try:
+            with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+                cfg = compose(config_name="config", overrides=own)
+        except (HydraException, OmegaConfBaseException) as e:
+            _die(where + _compose_error(e))
+        if not multirun:
+            return  # a single run validates itself before loading, with its own messages
+        try:
+            folder, h = _check_job(cfg)
+        except USER_ERRORS as e:
+            _die(where + str(e))
+        if folder is None:
+            continue
+        if folder in seen and seen[folder][1] != h:
+            _die(
+                f"jobs {seen[folder][0]} and {n} of this sweep would write different configs into one folder "
+                f"{folder}: drop run_dir (each config gets a folder of its own) or put ${{hydra:job.num}} in it"
+            )
+        seen.setdefault(folder, (n, h))
+
+
+def _die(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
