@@ -101,7 +101,9 @@ def test_array_task_cancelled_then_array_resubmitted(cluster, direct, tmp_path):
     parts = run_dir / "parts"
     job = sbatch(tmp_path, f"run_dir={run_dir}", "generation.batch_size=4", wait=False,
                  sbatch_opts=("--array=0-1", "--cpus-per-task=1"))  # fmt: skip
-    wait_for(lambda: any(p.name.startswith("part-s1of2") for p in parts.glob("part-*.parquet")), 300, "a part of task 1")
+    wait_for(
+        lambda: any(p.name.startswith("part-s1of2") for p in parts.glob("part-*.parquet")), 300, "a part of task 1"
+    )
     sh("scancel", f"{job}_1")
     wait_for(lambda: states(job).get(f"{job}_0") == "COMPLETED", 600, "task 0 to complete")
     assert states(job).get(f"{job}_1", "").startswith("CANCELLED")
@@ -167,6 +169,8 @@ def test_two_jobs_with_different_configs_into_one_folder(cluster, tmp_path):
     refused = [j for j in (a, b) if state(j) == "FAILED"]
     assert len(ok) == 1 and len(refused) == 1, {j: state(j) for j in (a, b)}
     log = logs[refused[0]]
-    assert "error: run folder" in log and "holds the plan of another config (differs in generation.max_new_tokens)" in log
+    assert (
+        "error: run folder" in log and "holds the plan of another config (differs in generation.max_new_tokens)" in log
+    )
     assert "memory budget" not in log and "loaded" not in log  # refused before any weight was read
     assert len(pd.read_parquet(run_dir / "results.parquet")) == 48

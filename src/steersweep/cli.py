@@ -47,7 +47,7 @@ def _check_job(cfg) -> tuple[str | None, str | None]:
     from .validate import validate_inputs, validate_model, validate_static
 
     validate_static(cfg)
-    shard_of(cfg)
+    shard_of(cfg, multirun=True)
     if cfg.task not in ("run", "vectors"):
         return None, None
     hf = validate_model(cfg, need_checkpoint=False)  # the checkpoint may live only on compute nodes

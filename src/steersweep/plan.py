@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import time
 from dataclasses import dataclass
@@ -156,7 +157,7 @@ def todo(batches: list[Batch], done: set[str], worker: int, n_workers: int) -> l
 # Shards
 
 
-def shard_of(cfg: DictConfig) -> tuple[int, int]:
+def shard_of(cfg: DictConfig, multirun: bool | None = None) -> tuple[int, int]:
     """This job's (index, count) of shards. Sharding is explicit: nothing is read from the
     environment unless `shard_count=auto`, which takes the Slurm array task (the sbatch script's
     choice). A job started by a Hydra multirun (one Slurm array for all its jobs) never shards.
@@ -167,7 +168,7 @@ def shard_of(cfg: DictConfig) -> tuple[int, int]:
         return 0, 1
     if str(cfg.shard_count) != "auto":
         return int(cfg.shard_index or 0), int(cfg.shard_count)
-    if _in_multirun():
+    if multirun if multirun is not None else _in_multirun():
         raise ConfigError(
             "shard_count=auto in a -m sweep would split every job's grid across the sweep's array: "
             "drop it, or sweep shards explicitly (-m shard_count=2 shard_index=0,1)"
@@ -227,7 +228,10 @@ def launch_command() -> list[str]:
 
 def finish_command(command: list[str], folder: Path) -> str:
     keep = [a for a in command if a.split("=")[0].lstrip("+~") not in ("shard_index", "shard_count", "run_dir", "task")]
-    return " ".join(["python run_experiment.py", *map(shlex.quote, keep), shlex.quote(f"run_dir={folder}")])
+    path = str(folder)
+    if not re.fullmatch(r"[\w./-]+", path):  # Hydra's grammar: quote, then the shell's quoting on top
+        path = '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return " ".join(["python run_experiment.py", *map(shlex.quote, keep), shlex.quote(f"run_dir={path}")])
 
 
 @dataclass
