@@ -33,6 +33,13 @@ def plan(cfg: DictConfig) -> list:
     plans = []
     print(f"model {cfg.model.name}: {hf.num_hidden_layers} layers, hidden size {hf.hidden_size}, {cfg.model.dtype}")
     print(f"budget: {cfg.memory.gpu_fraction:.0%} of each GPU, CPU spill {cfg.memory.cpu}")
+    from .loading import fmt_bytes
+    from .runtime import cpu_budget
+
+    # The shapes below are hypothetical; this line is what a run in this very job would get, with the
+    # limit that set it (a Slurm --mem or cgroup limit the node's RAM figure does not show).
+    cpu_here, cpu_why = cpu_budget(str(cfg.memory.cpu))
+    print(f"CPU budget here: {fmt_bytes(cpu_here)} ({cpu_why})")
     for spec in cfg.memory.plan_hardware:
         gpus, cpu = parse_hardware(spec)
         budget = max_memory(cfg.memory, gpus)

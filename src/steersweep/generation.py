@@ -231,7 +231,7 @@ def free_bytes(model) -> int:
             f, _ = torch.cuda.mem_get_info(d)
             free.append(int(f * 0.9))
     if not free:
-        from .loading import available_ram
+        from .runtime import available_ram
 
         free.append(int(available_ram() * 0.5))
     return min(free)
@@ -254,7 +254,7 @@ def generate_with_backoff(run_batch, rows: Sequence, batch_size: int, on_done, t
     `on_done(chunk, outputs, seconds)` is called after every finished chunk (so results are written
     as they come). Returns the final batch size. No row is lost: a failed chunk is retried whole.
     """
-    from .loading import watchdog
+    from .runtime import watchdog
 
     i = 0
     while i < len(rows):

@@ -7,14 +7,10 @@ stalls, so a hang is diagnosed from the log instead of waited on.
 
 from __future__ import annotations
 
-import contextlib
-import faulthandler
 import json
 import logging
 import os
 import re
-import sys
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -24,6 +20,7 @@ import torch
 
 from .config import MemoryConfig, ModelConfig
 from .faults import fault_point
+from .runtime import cpu_budget, watchdog
 
 log = logging.getLogger(__name__)
 
@@ -72,32 +69,29 @@ def fmt_bytes(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def available_ram() -> int:
-    """Bytes of RAM available now (MemAvailable), or total RAM where /proc/meminfo is missing."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def max_memory(mem: MemoryConfig, gpu_totals: list[int] | None = None) -> dict[int | str, int]:
     """Per-device byte budgets for `from_pretrained(max_memory=...)`.
 
-    Each GPU gets `gpu_fraction` x its total memory; the CPU gets `mem.cpu` ("auto" = 90% of the RAM
-    available now). Devices left out of the dict are not used by accelerate, so a CPU budget of 0
-    removes the CPU spill (disk offload then needs `memory.disk_offload`).
+    Each GPU gets `gpu_fraction` x its total memory; the CPU gets `runtime.cpu_budget(mem.cpu)`
+    ("auto" = 90% of the RAM available now, capped by the job's memory limit). Devices left out of
+    the dict are not used by accelerate, so a CPU budget of 0 removes the CPU spill (disk offload
+    then needs `memory.disk_offload`).
 
     Args:
         gpu_totals: total bytes per GPU; default: the GPUs torch sees.
     """
+    return _max_memory(mem, gpu_totals)[0]
+
+
+def _max_memory(mem: MemoryConfig, gpu_totals: list[int] | None = None) -> tuple[dict[int | str, int], str]:
+    """`max_memory` and the sentence saying which limit set the CPU budget (for the load log)."""
     if gpu_totals is None:
         gpu_totals = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
     budget: dict[int | str, int] = {i: int(mem.gpu_fraction * t) for i, t in enumerate(gpu_totals)}
-    cpu = int(0.9 * available_ram()) if str(mem.cpu).lower() == "auto" else parse_size(mem.cpu)
+    cpu, why = cpu_budget(str(mem.cpu))
     if cpu > 0:
         budget["cpu"] = cpu
-    return budget
+    return budget, why
 
 
 def parse_hardware(spec: str) -> tuple[list[int], int | None]:
@@ -250,42 +244,6 @@ def plan_device_map(
 # Load
 
 
-WATCHDOG_EXIT = 3  # exit status of a run stopped by a watchdog
-
-
-@contextlib.contextmanager
-def watchdog(seconds: float, what: str, announce: bool = True):
-    """Dump every thread's stack and exit (status 3) if the body runs longer than `seconds`.
-
-    A timer thread says what stalled, dumps all stacks and exits; faulthandler's C-level timer
-    backs it up a minute later in case a hang never releases the GIL.
-    """
-    if not seconds or seconds <= 0:
-        yield
-        return
-    if announce:
-        print(f"[watchdog] {what}: stacks are dumped and the run exits if this takes over {seconds:.0f} s",
-              file=sys.stderr, flush=True)  # fmt: skip
-
-    def fire() -> None:
-        print(f"[watchdog] {what} has run for over {seconds:.0f} s: dumping all thread stacks and exiting "
-              f"(status {WATCHDOG_EXIT}); raise the limit in conf/memory if it is only slow",
-              file=sys.stderr, flush=True)  # fmt: skip
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        sys.stderr.flush()
-        os._exit(WATCHDOG_EXIT)
-
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
-    faulthandler.dump_traceback_later(seconds + 60, exit=True, file=sys.stderr)
-    try:
-        yield
-    finally:
-        timer.cancel()
-        faulthandler.cancel_dump_traceback_later()
-
-
 def load_model(model_cfg: ModelConfig, mem: MemoryConfig, gpu: int | None = None):
     """Load tokenizer and model once: device_map + max_memory, never offload_state_dict.
 
@@ -298,9 +256,11 @@ def load_model(model_cfg: ModelConfig, mem: MemoryConfig, gpu: int | None = None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(model_cfg)
-    budget = max_memory(mem)
+    budget, cpu_why = _max_memory(mem)
     if gpu is not None:
         budget = {gpu: budget[gpu]}
+    else:  # a replica pinned to one GPU never spills to the CPU, so the CPU limit only matters here
+        log.info("CPU budget: %s (%s)", fmt_bytes(budget.get("cpu", 0)), cpu_why)
     kwargs: dict = {
         "device_map": model_cfg.device_map,
         "max_memory": budget,
