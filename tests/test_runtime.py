@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from steersweep import loading, runtime
+from steersweep import loading
 from steersweep.runtime import cpu_budget, memory_limit
 
 GiB = 2**30
