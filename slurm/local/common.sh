@@ -8,7 +8,19 @@ SL_SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 SL_REPO_ROOT="$(cd "$SL_SCRIPT_DIR/../.." && pwd)"
 
 # --- knobs (environment) -----------------------------------------------------
-SL_STATE="${SLURM_LOCAL_DIR:-$SL_REPO_ROOT/.slurm-local}"
+# State dir: machine-wide, outside any checkout.  The daemons run as users
+# slurm and mysql, which must traverse every parent of it; a checkout often
+# lives under a 0700 home (or CI's private workspace), so <repo>/.slurm-local
+# broke there.  /var/lib is root-owned, 0755 and persistent (unlike /tmp,
+# which tmpfiles/reboots may clean under the live MariaDB data) and is where
+# FHS puts daemon state.  The ports are fixed (6817-6819, SL_DB_PORT), so only
+# one such cluster can run per machine anyway: one shared state dir means
+# every clone's up.sh/down.sh/status.sh sees the same cluster, lock and PID
+# records instead of fighting over the ports.  Nothing in it names a clone.
+SL_STATE_DEFAULT=/var/lib/steersweep-slurm-local
+SL_STATE="${SLURM_LOCAL_DIR:-$SL_STATE_DEFAULT}"
+# Where state lived before (per clone); only used for a hint in down.sh.
+SL_STATE_LEGACY="$SL_REPO_ROOT/.slurm-local"
 SL_CLUSTER="${SLURM_LOCAL_CLUSTER:-local}"
 SL_DB_PORT="${SLURM_LOCAL_DB_PORT:-13306}"
 SL_CPUS="${SLURM_LOCAL_CPUS:-8}"          # CPUs advertised for the node (see README)

@@ -8,6 +8,11 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 trap 'sl_die "down.sh failed at line $LINENO: $BASH_COMMAND"' ERR
 
 T_START="$(sl_now)"
+# A cluster started before the state dir moved out of the checkout keeps its
+# PID records in <repo>/.slurm-local; point at it instead of ignoring it.
+if [[ -z "${SLURM_LOCAL_DIR:-}" ]] && compgen -G "$SL_STATE_LEGACY/pids/*.pid" >/dev/null; then
+    sl_msg "note: $SL_STATE_LEGACY/pids has records of an older up.sh; to stop those daemons run: SLURM_LOCAL_DIR=$SL_STATE_LEGACY $0"
+fi
 if [[ ! -d "$SL_STATE" ]]; then
     sl_msg "nothing to stop ($SL_STATE does not exist)"
     exit 0

@@ -11,7 +11,11 @@ trap 'sl_die "up.sh failed at line $LINENO: $BASH_COMMAND"' ERR
 T_START="$(sl_now)"
 [[ "$(id -u)" -eq 0 ]] || sl_die "up.sh must run as root (it installs packages and starts daemons)"
 
+# The daemons (users slurm, mysql) must traverse the state dir and what
+# mkdir creates in it, whatever root's umask is (db.pass sets its own).
+umask 022
 mkdir -p "$SL_STATE"
+chmod 755 "$SL_STATE"
 sl_init_paths
 mkdir -p "$SL_STATE/etc" "$SL_PIDS" "$SL_LOGS"
 [[ -f "$SL_STATE/.gitignore" ]] || printf '*\n' >"$SL_STATE/.gitignore"
