@@ -130,3 +130,16 @@ def test_multirun_shard_count_auto_refused(tmp_path):
     r = _run("-m", "experiment=quick", "shard_count=auto", "prompts.limit=2,3")
     assert r.returncode == 2
     assert "shard_count=auto in a -m sweep would split every job's grid" in r.stderr
+
+
+def test_editing_an_input_file_is_another_identity(tmp_path):
+    """Same path, other content: a resume must not mix rows made from the old and the new text."""
+    f = tmp_path / "prompts.jsonl"
+    f.write_text('{"id": "a", "prompt": "Hello"}\n')
+    before = identity(make(f"prompts.dataset={f}"))
+    f.write_text('{"id": "a", "prompt": "Goodbye"}\n')
+    after = identity(make(f"prompts.dataset={f}"))
+    assert identity_hash(before) != identity_hash(after)
+    from steersweep.plan import differing_keys
+
+    assert differing_keys(before, after) == ["input_files.prompts"]

@@ -80,6 +80,33 @@ def identity(cfg: DictConfig) -> dict:
         for k in keys:
             out[group].pop(k, None)
     out["model"]["dtype"] = resolved_dtype_name(cfg.model.dtype)  # auto means different rows per machine
+    out["input_files"] = input_digests(cfg)
+    return out
+
+
+def input_digests(cfg: DictConfig) -> dict[str, str | None]:
+    """Content hashes of the files rows are made from: an edited prompt or pair file is another
+    identity, so a resume never mixes rows made from the old text with rows from the new."""
+    from . import data
+
+    named = {"prompts": cfg.prompts.dataset, "word_lists": cfg.eval.word_lists}
+    if cfg.vectors.source == "file":
+        named["vectors"] = cfg.vectors.path
+    else:
+        named["pairs"] = cfg.vectors.dataset
+    if "behavior_prob" in cfg.eval.metrics:
+        named["behavior_items"] = cfg.eval.behavior_dataset
+    out: dict[str, str | None] = {}
+    for key, name in named.items():
+        path = None
+        for suffix in (".jsonl", ".json", ""):
+            try:
+                path = data.resolve(str(name), suffix)
+                break
+            except data.DatasetError:
+                continue
+        # a missing file is reported by validation with its own message; here it has no digest
+        out[key] = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path and path.is_file() else None
     return out
 
 
