@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -124,3 +125,37 @@ def test_identical_rows_generated_once(tiny, tokenizer):
     assert out[0].token_ids == out[1].token_ids == out[2].token_ids
     alone = generate_rows(tiny, tokenizer, [ids[1]], [(1, 2.0, v)], gen_cfg())[0]
     assert out[7].token_ids == alone.token_ids
+
+
+@pytest.mark.slow
+def test_greedy_ignores_the_checkpoints_penalties(embedded_dir, tmp_path, tokenizer):
+    """Qwen2.5 ships repetition_penalty 1.05: "greedy" must still be plain argmax decoding."""
+    import json
+
+    from steersweep.config import MemoryConfig, ModelConfig
+    from steersweep.loading import load_model
+
+    ckpt = tmp_path / "penalised"
+    ckpt.mkdir()
+    for f in embedded_dir.iterdir():
+        if f.name != "generation_config.json":
+            (ckpt / f.name).symlink_to(f)
+    shipped = json.loads((embedded_dir / "generation_config.json").read_text())
+    shipped.update(repetition_penalty=1.5, no_repeat_ngram_size=2, temperature=0.6, top_p=0.9, do_sample=True)
+    (ckpt / "generation_config.json").write_text(json.dumps(shipped))
+    model, tok, info = load_model(ModelConfig(name="p", path=str(ckpt), dtype="float32"), MemoryConfig(cpu="4GiB"))
+    assert info["generation_config_shipped"]["repetition_penalty"] == 1.5  # recorded for the manifest
+    assert "repetition_penalty" not in info["generation_config_effective"]
+    ids = ids_of(tok)
+    v = torch.zeros(576)
+    ours = generate_rows(model, tok, ids, [(10, 0.0, v)] * 3, gen_cfg(max_new_tokens=24))
+    eos = {tok.eos_token_id}
+    for p, comp in zip(ids, ours, strict=True):
+        ref = seed_loop_generate(model, p, 10, 0.0, v, 24, eos)  # plain argmax, full forward per token
+        assert comp.token_ids == [t for t in ref if t not in eos]
+    # and the shipped config really changes "greedy" tokens, so this test can fail
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(**{**shipped, "do_sample": False, "temperature": None, "top_p": None})
+    penalised = generate_rows(model, tok, ids, [(10, 0.0, v)] * 3, gen_cfg(max_new_tokens=24))
+    assert [c.token_ids for c in penalised] != [c.token_ids for c in ours]

@@ -244,6 +244,35 @@ def plan_device_map(
 # Load
 
 
+# Keys of a generation config that name tokens, not decoding choices: kept from the checkpoint.
+TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def neutral_generation_config(model) -> dict:
+    """Replace the checkpoint's generation defaults with neutral ones; return what it shipped.
+
+    Checkpoints ship decoding defaults (Qwen2.5: repetition_penalty 1.05, temperature, top_p,
+    top_k): left in place, `generate` applies them to "greedy" runs too. Only the special-token ids
+    are kept; every sampling, penalty and length setting of a run is then exactly what
+    generation.py passes (max_new_tokens, and the per-row sampler when sampling).
+    """
+    from transformers import GenerationConfig
+
+    old = model.generation_config
+    shipped = old.to_diff_dict()
+    model.generation_config = GenerationConfig(
+        **{k: getattr(old, k) for k in TOKEN_KEYS if getattr(old, k, None) is not None}
+    )
+    changed = {
+        k: v
+        for k, v in shipped.items()
+        if k not in TOKEN_KEYS and not k.startswith("_") and k != "transformers_version"
+    }
+    if changed:
+        log.info("ignoring the checkpoint's generation defaults %s: decoding is set by conf/generation", changed)
+    return shipped
+
+
 def load_model(model_cfg: ModelConfig, mem: MemoryConfig, gpu: int | None = None):
     """Load tokenizer and model once: device_map + max_memory, never offload_state_dict.
 
@@ -294,11 +323,7 @@ def load_model(model_cfg: ModelConfig, mem: MemoryConfig, gpu: int | None = None
         tokenizer.pad_token = tokenizer.eos_token
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    # Checkpoints ship sampling defaults (temperature, top_p); greedy runs would warn that they are
-    # ignored, so clear them and pass exactly what the chosen decoding uses.
-    for key in ("temperature", "top_p", "top_k"):
-        setattr(model.generation_config, key, None)
-    model.generation_config.do_sample = False
+    shipped = neutral_generation_config(model)
     dmap = getattr(model, "hf_device_map", None) or {"": str(next(model.parameters()).device)}
     from .hooks import get_layers
 
@@ -310,6 +335,9 @@ def load_model(model_cfg: ModelConfig, mem: MemoryConfig, gpu: int | None = None
         "max_memory": {str(k): v for k, v in budget.items()},
         "device_map": {k: str(v) for k, v in dmap.items()},
         "layers_per_device": dict(per_dev),
+        # what the checkpoint's generation_config.json asked for, and what generation really uses
+        "generation_config_shipped": shipped,
+        "generation_config_effective": model.generation_config.to_diff_dict(),
         "gpu_allocated": {f"cuda:{i}": torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())},
     }
     log.info(
