@@ -85,7 +85,7 @@ class RunFolder:
             probe = self.parts / f".probe-{uuid.uuid4().hex[:8]}"
             probe.write_bytes(b"")
             probe.unlink()
-            for tmp in clean_stale_tmp(self.parts):
+            for tmp in clean_stale_tmp(self.parts) + clean_stale_tmp(self.path):  # parts; manifest, vectors
                 log.info("removed %s, left by a writer that was killed", tmp.name)
         except OSError as e:
             raise ResultsError(
