@@ -420,8 +420,14 @@ def test_vector_file_refused(build, match, tmp_path, no_weights):
 # ---------------------------------------------------------------------------------------------
 # 5. Datasets (prompts, contrastive pairs, behavior items, word lists)
 
+CAA_ITEM = (
+    '{"question": "Do you like rain?\\n\\nChoices:\\n (A) Yes\\n (B) No", '
+    '"answer_matching_behavior": "(A)", "answer_not_matching_behavior": "(B)"}'
+)
+
 DATASETS = [
-    # (name, config key, lines or raw text, stable part of the message)
+    # (name, config key, content, stable part of the message); content: JSONL lines, raw text for
+    # data.jsonl (data.json for word lists), or (file name, text or bytes)
     (
         "malformed-line",
         "prompts.dataset",
@@ -432,7 +438,8 @@ DATASETS = [
         "missing-key",
         "prompts.dataset",
         [PROMPT % 1, '{"id": "p2", "text": "Hello"}'],
-        r":2: missing key\(s\) \['prompt'\]; each line needs \['id', 'prompt'\]$",
+        r":2: missing key\(s\) \['prompt'\]; prompt items need \['prompt'\] \('id' optional; CAA files have "
+        r"'question'\): add the missing key\(s\)$",
     ),
     (
         "not-an-object",
@@ -440,24 +447,68 @@ DATASETS = [
         [PROMPT % 1, '["p2", "Hello"]'],
         r":2: expected a JSON object, got list: write one \{\.\.\.\} object per line$",
     ),
-    ("empty", "prompts.dataset", ["", "  "], r" has no rows: add at least one JSON object per line"),
+    (
+        "empty",
+        "prompts.dataset",
+        ["", "  "],
+        r" has no rows: add at least one item \(a JSON object per line or in a JSON array, each with \['prompt'\]\)$",
+    ),
     (
         "duplicate-ids",
         "prompts.dataset",
         [PROMPT % 1, PROMPT % 2, PROMPT % 1],
-        r"^prompt ids must be unique; repeated: \['p1'\]: give each prompt its own id$",
+        r"data\.jsonl:3: id 'p1' is already used at line 1; ids must be unique: give each item its own id",
+    ),
+    (
+        "not-utf8",
+        "prompts.dataset",
+        ("prompts.txt", "Caf\xe9 au lait?\n".encode("latin-1")),
+        r"prompts\.txt: not UTF-8 text \(byte 3: .*\): save it as UTF-8$",
+    ),
+    (
+        "json-array-broken",
+        "prompts.dataset",
+        ("prompts.json", '[\n  {"question": "Hi?"},\n  {"question": }\n]\n'),
+        r"prompts\.json: not valid JSON \(Expecting value at line 3 column 16\): fix it; expected a JSON array of "
+        r"objects, or one JSON object per line$",
     ),
     (
         "pairs-missing-negative",
         "vectors.dataset",
         ['{"positive": "I love it"}'],
-        r":1: missing key\(s\) \['negative'\]",
+        r":1: missing key\(s\) \['negative'\]; contrastive pairs need \['positive', 'negative'\]",
+    ),
+    (
+        "pairs-plain-text",
+        "vectors.dataset",
+        ("pairs.txt", "I love it\n"),
+        r"pairs\.txt: plain text gives prompts only \(one per line\): write contrastive pairs as JSONL or a JSON array",
+    ),
+    (
+        "caa-missing-answer",
+        "vectors.dataset",
+        ("caa.json", f"[{CAA_ITEM}, {{\"question\": \"Do you like snow?\\n(A) Yes\\n(B) No\", "
+         "\"answer_matching_behavior\": \"(B)\"}]"),
+        r"caa\.json\[1\]: missing key\(s\) \['answer_not_matching_behavior'\]; CAA A/B items need ",
+    ),
+    (
+        "caa-no-options",
+        "vectors.dataset",
+        ("caa.json", '[{"question": "Do you like rain?", "answer_matching_behavior": "(A)", '
+         '"answer_not_matching_behavior": "(B)"}]'),
+        r"caa\.json\[0\]: cannot find the options '\(A\) \.\.\.' and '\(B\) \.\.\.' in 'question'",
     ),
     (
         "behavior-missing-key",
         "eval.behavior_dataset",
         ['{"prefix": "The film was", "positive": " great"}'],
-        r":1: missing key\(s\) \['negative'\]",
+        r":1: missing key\(s\) \['negative'\]; continuation behaviour items need \['prefix', 'positive', 'negative'\]",
+    ),
+    (
+        "behavior-caa-as-continuation",
+        "eval.behavior_dataset",
+        ("caa.json", f"[{CAA_ITEM}]"),
+        r"caa\.json: holds CAA A/B items but eval\.behavior_format=continuation: set eval\.behavior_format=ab$",
     ),
     (
         "word-list-not-json",
@@ -471,17 +522,22 @@ DATASETS = [
         '["good", "bad"]',
         r": expected \{\"name\": \[words\.\.\.\]\}: make it one object of word lists$",
     ),
-]
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("key, content, match", [c[1:] for c in DATASETS], ids=[c[0] for c in DATASETS])
 def test_dataset_refused(key, content, match, tmp_path, no_weights):
     path = tmp_path / ("data.json" if key == "eval.word_lists" else "data.jsonl")
+    if isinstance(content, tuple):
+        path, content = tmp_path / content[0], content[1]
     if isinstance(content, list):
         jsonl(path, content)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
     else:
         path.write_text(content)
-    refused(make(run_dir=str(tmp_path / "run"), **{key.replace(".", "__"): str(path)}), match)
+    msg = refused(make(run_dir=str(tmp_path / "run"), **{key.replace(".", "__"): str(path)}), match)
+    assert str(path) in msg
 
 
 def test_unknown_dataset_name(tmp_path, no_weights):

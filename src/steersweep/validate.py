@@ -204,18 +204,20 @@ def _check_chat_template(cfg: DictConfig) -> None:
 
 
 def validate_inputs(cfg: DictConfig, hf) -> dict:
-    """Load the small inputs (datasets, vector files) and check them against the model config."""
+    """Load the small inputs (datasets, vector files) and check them against the model config.
+
+    Datasets go through `data`'s adapters (our JSONL, CAA JSON, plain-text prompts; see data.py) into
+    the internal forms: prompts {id, prompt}; pairs {id, format, positive, negative[, question]};
+    behaviour items in the eval.behavior_format form."""
     out: dict = {}
     try:
         out["prompts"] = data.load_prompts(cfg.prompts.dataset, cfg.prompts.limit)
         if cfg.vectors.source == "compute":
-            out["pairs"] = data.load_jsonl(cfg.vectors.dataset, ("positive", "negative"))
+            out["pairs"] = data.load_pairs(cfg.vectors.dataset)
         if "word_rate" in cfg.eval.metrics:
             out["word_lists"] = data.load_word_lists(cfg.eval.word_lists)
         if "behavior_prob" in cfg.eval.metrics:
-            keys = ("prefix", "positive", "negative") if cfg.eval.behavior_format == "continuation" else (
-                "question", "A", "B", "positive")  # fmt: skip
-            items = data.load_jsonl(cfg.eval.behavior_dataset, keys)
+            items = data.load_behavior_items(cfg.eval.behavior_dataset, cfg.eval.behavior_format)
             out["behavior_items"] = items[: cfg.eval.behavior_limit] if cfg.eval.behavior_limit else items
     except data.DatasetError as e:
         raise ConfigError(str(e)) from None
