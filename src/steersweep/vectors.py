@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .encoding import Source, encode, model_inputs, pad_id_of, user_messages
 from .fileio import atomic_write_bytes
 from .hooks import record
 
@@ -89,13 +90,16 @@ def _batches(items: Sequence[str], size: int):
 def mean_activation(
     model,
     tokenizer,
-    texts: Sequence[str],
+    texts: Sequence[Source],
     layers: Sequence[int],
     position: int = -1,
     batch_size: int = 16,
     layers_path: str | None = None,
 ) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
     """Mean residual stream after each layer at token `position` over `texts` (left padded).
+
+    Each text is raw (special tokens added) or a list of chat messages (the chat template, without
+    a generation prompt), encoded by `encoding.encode`; position ids follow the padding mask.
 
     Returns:
         ({layer: mean vector float32 [H]}, {layer: mean norm of those activations}).
@@ -104,8 +108,10 @@ def mean_activation(
     norm_sums = {layer: 0.0 for layer in layers}
     n = 0
     device = model.get_input_embeddings().weight.device
+    pad = pad_id_of(tokenizer)
     for chunk in _batches(list(texts), batch_size):
-        enc = tokenizer(list(chunk), return_tensors="pt", padding=True, padding_side="left")
+        ids = [encode(tokenizer, t, add_generation_prompt=False).ids for t in chunk]
+        enc = model_inputs(ids, pad)
         lengths = enc["attention_mask"].sum(1)
         if position < 0 and (lengths < -position).any() or position >= 0 and (lengths <= position).any():
             raise VectorError(f"an example is shorter than token position {position}: change vectors.position")
@@ -141,15 +147,14 @@ def compute_caa(
     Args:
         pairs: dicts with "positive" and "negative" texts.
         position: token index read in each example (-1 = last token).
-        chat_template: wrap each text as a user message in the tokenizer's chat template.
+        chat_template: wrap each text as a user message in the tokenizer's chat template (no
+            generation prompt; the template's own BOS, not a second one from the tokenizer).
     """
     if not pairs:
         raise VectorError("the contrastive dataset is empty: give at least one positive/negative pair")
 
-    def fmt(text: str) -> str:
-        if not chat_template:
-            return text
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
+    def fmt(text: str) -> Source:
+        return user_messages(text) if chat_template else text
 
     pos = [fmt(p["positive"]) for p in pairs]
     neg = [fmt(p["negative"]) for p in pairs]
