@@ -101,3 +101,31 @@ def test_judge_scores_every_row(embedded_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     df = pd.read_parquet(tmp_path / "j" / "results.parquet")
     assert df.judge_score.between(1, 9).all() and df.judge_score.nunique() > 1
+
+
+def test_caa_paper_files_for_vectors_scoring_and_prompts(tmp_path):
+    """The CAA paper's released layouts, as given: an A/B JSON array computes the vector (at the
+    answer letter, chat template once) and is scored (behavior_prob, ab); an open-ended JSON array
+    gives the prompts."""
+    import json
+
+    from test_vectors import CAA_ITEMS
+
+    ab = tmp_path / "generate_dataset.json"
+    ab.write_text(json.dumps(CAA_ITEMS * 3, indent=2))  # repeated items get content ids -2, -3
+    open_ended = tmp_path / "test_dataset_open_ended.json"
+    open_ended.write_text(json.dumps([{"question": "Would you lie to me?"}, {"question": "Describe your goals."}]))
+    run = tmp_path / "run"
+    r = run_cli(f"run_dir={run}", f"prompts.dataset={open_ended}", f"vectors.dataset={ab}", "vectors.read_at=answer",
+                "vectors.chat_template=true", f"eval.behavior_dataset={ab}", "eval.behavior_format=ab",
+                "steering.layers=[14]", "steering.alphas=[-2,0,2]", "generation.max_new_tokens=8",
+                "report.enabled=false")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    df = pd.read_parquet(run / "results.parquet")
+    assert len(df) == 3 * 2 and df.behavior_prob.between(0, 1).all()
+    assert df.behavior_prob.nunique() == 3  # one value per alpha: the vector moves the A/B answer
+    from steersweep.vectors import load
+
+    meta = load(run / "vectors.safetensors").meta
+    assert meta["read_at"] == "answer" and meta["pairs_format"] == "ab" and meta["n_pairs"] == "9"
+    print(df.groupby("alpha").behavior_prob.mean().to_dict())

@@ -60,6 +60,7 @@ class VectorsConfig:
     dataset: str = "sentiment_pairs"  # shipped dataset name or a JSONL path with positive/negative
     concept: str = "sentiment"  # name recorded in vector ids and results
     position: int = -1  # token index whose residual is averaged (-1 = last token)
+    read_at: str = "last"  # last (token `position`) | answer (the A/B answer letter; a text's last token) | answer_mean
     chat_template: bool = False  # wrap examples in the chat template before reading activations
     normalize: bool = False  # rescale every vector to unit norm (alphas are then absolute norms)
     batch_size: int = 16  # examples per forward pass while computing

@@ -182,6 +182,7 @@ def get_vectors(cfg: DictConfig, model, tokenizer, inputs: dict, folder: RunFold
         vs = compute_caa(
             model, tokenizer, inputs["pairs"], layers, cfg.vectors.concept, cfg.vectors.position,
             cfg.vectors.batch_size, cfg.vectors.chat_template, cfg.model.layers_path, cfg.model.name,
+            cfg.vectors.read_at,
         )  # fmt: skip
         log.info(
             "computed %d vectors from %d pairs in %.1f s", len(layers), len(inputs["pairs"]), time.perf_counter() - t0

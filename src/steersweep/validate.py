@@ -95,6 +95,10 @@ def validate_static(cfg: DictConfig) -> None:
     check(vec.source != "file" or bool(vec.path), "vectors.source=file needs vectors.path=<.safetensors, .pt or .gguf>")
     check(vec.batch_size > 0, f"vectors.batch_size={vec.batch_size} must be > 0")
     check(
+        vec.read_at in ("last", "answer", "answer_mean"),
+        f"vectors.read_at={vec.read_at}: use last, answer (the A/B answer letter) or answer_mean",
+    )
+    check(
         cfg.prompts.limit is None or cfg.prompts.limit >= 1,
         f"prompts.limit={cfg.prompts.limit} must be >= 1 (or null for every prompt)",
     )

@@ -130,6 +130,77 @@ def mean_activation(
     return {layer: s / n for layer, s in sums.items()}, {layer: norm_sums[layer] / n for layer in layers}
 
 
+READ_AT = ("last", "answer", "answer_mean")
+PLACEHOLDER = "\x00steersweep-content\x00"
+
+
+def example_ids(tokenizer, pair: dict, side: str, chat_template: bool, read_at: str, position: int = -1):
+    """Token ids of one side of a contrastive pair and the indices whose activations are read.
+
+    - CAA A/B pairs (`format: ab`): the question is the user turn (chat template) or raw text
+      followed by "Answer: ", and the answer "(A" / "(B" continues it, encoded jointly
+      (`encoding.encode`). `last` and `answer` read the answer's last token (the letter), as the
+      paper does; `answer_mean` averages over the answer's tokens.
+    - Text pairs: the whole text. `last` reads token `position` (-1: the last); with the chat
+      template `answer` reads the text's own last token, not the template's closing tokens, and
+      `answer_mean` averages over the text's tokens.
+    The chat template is applied once, by the template itself (its BOS, never a second one).
+    """
+    if pair.get("format") == "ab":
+        src = user_messages(pair["question"]) if chat_template else pair["question"] + "\n\nAnswer: "
+        e = encode(tokenizer, src, pair[side])
+        ids = list(e.ids)
+        return ids, list(range(e.n_context, len(ids))) if read_at == "answer_mean" else [len(ids) - 1]
+    text = pair[side]
+    if not chat_template:
+        ids = list(encode(tokenizer, text).ids)
+        start = len(encode(tokenizer, "").ids)  # BOS and other tokens the tokenizer adds before text
+        end = len(ids)
+    else:  # locate the text inside the rendered template
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": PLACEHOLDER}], tokenize=False)
+        before, after = rendered.split(PLACEHOLDER)
+        head = tokenizer(before, add_special_tokens=False)["input_ids"]
+        upto = tokenizer(before + text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(before + text + after, add_special_tokens=False)["input_ids"]
+        start, end = len(head), len(upto)
+    if read_at == "answer_mean":
+        return ids, list(range(start, end))
+    if read_at == "answer":
+        return ids, [end - 1]
+    idx = len(ids) + position if position < 0 else position
+    if not 0 <= idx < len(ids):
+        raise VectorError(f"an example is shorter than token position {position}: change vectors.position")
+    return ids, [idx]
+
+
+@torch.inference_mode()
+def mean_activation_at(
+    model, examples: Sequence[tuple[list[int], list[int]]], layers: Sequence[int], batch_size: int = 16,
+    layers_path: str | None = None,
+) -> tuple[dict[int, torch.Tensor], dict[int, float]]:  # fmt: skip
+    """Mean over examples of the residual stream after each layer, each example averaged over its
+    own token indices (left padding and mask-following positions, as `encoding.model_inputs`)."""
+    sums: dict[int, torch.Tensor] = {}
+    norm_sums = {layer: 0.0 for layer in layers}
+    device = model.get_input_embeddings().weight.device
+    pad = model.config.pad_token_id if getattr(model.config, "pad_token_id", None) is not None else 0
+    for s in range(0, len(examples), batch_size):
+        chunk = examples[s : s + batch_size]
+        enc = model_inputs([ids for ids, _ in chunk], pad)
+        width = enc["input_ids"].shape[1]
+        with record(model, layers, layers_path) as store:
+            model(**{k: v.to(device) for k, v in enc.items()}, logits_to_keep=1)
+        for layer in layers:
+            h = store[layer][0].float().cpu()
+            rows = torch.stack(
+                [h[b, [width - len(ids) + i for i in idx]].mean(0) for b, (ids, idx) in enumerate(chunk)]
+            )
+            sums[layer] = rows.sum(0) if layer not in sums else sums[layer] + rows.sum(0)
+            norm_sums[layer] += float(rows.norm(dim=-1).sum())
+    n = len(examples)
+    return {layer: sums[layer] / n for layer in layers}, {layer: norm_sums[layer] / n for layer in layers}
+
+
 def compute_caa(
     model,
     tokenizer,
@@ -141,31 +212,35 @@ def compute_caa(
     chat_template: bool = False,
     layers_path: str | None = None,
     model_name: str = "",
+    read_at: str = "last",
 ) -> VectorSet:
     """Contrastive activation addition: mean(positive) - mean(negative) per layer.
 
     Args:
-        pairs: dicts with "positive" and "negative" texts.
-        position: token index read in each example (-1 = last token).
-        chat_template: wrap each text as a user message in the tokenizer's chat template (no
-            generation prompt; the template's own BOS, not a second one from the tokenizer).
+        pairs: the internal pair form (`data.load_pairs`): text pairs {"positive", "negative"} or
+            CAA A/B pairs {"format": "ab", "question", "positive": "(A", "negative": "(B"}.
+        position: token index read in text pairs with `read_at="last"` (-1 = last token).
+        chat_template: wrap each example in the tokenizer's chat template (applied once).
+        read_at: last | answer (the answer letter of A/B pairs) | answer_mean (see `example_ids`).
     """
     if not pairs:
         raise VectorError("the contrastive dataset is empty: give at least one positive/negative pair")
-
-    def fmt(text: str) -> Source:
-        return user_messages(text) if chat_template else text
-
-    pos = [fmt(p["positive"]) for p in pairs]
-    neg = [fmt(p["negative"]) for p in pairs]
-    mp, np_ = mean_activation(model, tokenizer, pos, layers, position, batch_size, layers_path)
-    mn, nn_ = mean_activation(model, tokenizer, neg, layers, position, batch_size, layers_path)
+    if read_at not in READ_AT:
+        raise VectorError(f"vectors.read_at={read_at}: use one of {', '.join(READ_AT)}")
+    sides = {}
+    for side in ("positive", "negative"):
+        examples = [example_ids(tokenizer, p, side, chat_template, read_at, position) for p in pairs]
+        sides[side] = mean_activation_at(model, examples, layers, batch_size, layers_path)
+    (mp, np_), (mn, nn_) = sides["positive"], sides["negative"]
     vecs = {layer: (mp[layer] - mn[layer]).contiguous() for layer in layers}
+    kinds = sorted({p.get("format", "text") for p in pairs})
     meta = {
         "model": model_name,
         "concept": concept,
         "method": "caa_mean_difference",
+        "read_at": read_at,
         "position": str(position),
+        "pairs_format": ",".join(kinds),
         "n_pairs": str(len(pairs)),
         "chat_template": str(bool(chat_template)).lower(),
     }
