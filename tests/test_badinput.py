@@ -226,17 +226,23 @@ def test_wrong_type_in_untyped_config_refused(key, value, match):
 # 3. The model: checked against its config.json and tokenizer files, never its weights
 
 
-def model_folder(tmp_path: Path, chat_template: bool = True, weights: bool = True) -> Path:
+def model_folder(tmp_path: Path, chat_template: bool = True, weights: bool = True, tokenizer: bool = True) -> Path:
     """A checkpoint folder with the embedded model's config and tokenizer; weights as an empty stub."""
     d = tmp_path / "ckpt"
     d.mkdir()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json") if tokenizer else ("config.json",):
         shutil.copy(EMBEDDED / name, d / name)
     if chat_template:
         shutil.copy(EMBEDDED / "chat_template.jinja", d / "chat_template.jinja")
     if weights:
         (d / "model.safetensors").write_bytes(b"")  # never opened: validation reads no weights
     return d
+
+
+def test_model_folder_without_tokenizer(tmp_path, no_weights):
+    cfg = make(run_dir=str(tmp_path / "run"), model__path=str(model_folder(tmp_path, tokenizer=False)))
+    refused(cfg, r"^model\.path .* has weights but no tokenizer files .*: copy the tokenizer files")
+    assert not (tmp_path / "run").exists()  # no empty run folder left behind
 
 
 def test_layer_out_of_range(tmp_path, no_weights):

@@ -156,6 +156,9 @@ def validate_model(cfg: DictConfig, need_checkpoint: bool = True):
     return hf
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model", "tekken.json",
+)  # fmt: skip
 WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.ckpt", "*.gguf")
 
 
@@ -168,6 +171,11 @@ def _check_weight_files(cfg: DictConfig) -> None:
         not p.is_dir() or any(next(p.glob(g), None) for g in WEIGHT_GLOBS),
         f"model.path {p} has a config.json but no weight files (*.safetensors, *.bin): "
         "point model.path at the complete checkpoint folder",
+    )
+    check(
+        not p.is_dir() or any((p / f).is_file() for f in TOKENIZER_FILES),
+        f"model.path {p} has weights but no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}...): "
+        "copy the tokenizer files of this checkpoint into the folder",
     )
 
 
