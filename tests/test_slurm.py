@@ -4,6 +4,7 @@ all on the embedded model. Every table must equal a direct run's."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -174,3 +175,20 @@ def test_two_jobs_with_different_configs_into_one_folder(cluster, tmp_path):
     )
     assert "memory budget" not in log and "loaded" not in log  # refused before any weight was read
     assert len(pd.read_parquet(run_dir / "results.parquet")) == 48
+
+
+def test_plan_cpu_budget_below_mem_limit(cluster, tmp_path):
+    """Under `--mem`, the CPU budget stays below the job's limit and names it, instead of following
+    the node's /proc/meminfo past it (the kernel would kill the job without a message)."""
+    out = tmp_path / "out.txt"
+    python, script = ROOT / ".venv" / "bin" / "python", ROOT / "run_experiment.py"
+    sh("sbatch", "--wait", "--partition=debug", "--gpus-per-node=0", "--mem=3G", "--cpus-per-task=1",
+       f"--output={out}", "--wrap", f"'{python}' '{script}' task=plan 'memory.plan_hardware=[1x24GiB]'",
+       timeout=600)  # fmt: skip
+    text = out.read_text()
+    m = re.search(r"^CPU budget here: ([0-9.]+) GiB \((.*)\)$", text, re.M)
+    assert m, text[-3000:]
+    print(m.group(0))
+    assert float(m.group(1)) < 3
+    # The local cluster runs task/none (no cgroups), so Slurm's own variable is the limit that applies.
+    assert "job limit 3.00 GiB from SLURM_MEM_PER_NODE=3072 MB" in m.group(2), m.group(0)
