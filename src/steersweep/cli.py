@@ -43,7 +43,7 @@ def _check_job(cfg) -> tuple[str | None, str | None]:
     """Everything about one job that needs no weights; returns (its folder, identity hash)."""
     from omegaconf.errors import InterpolationResolutionError
 
-    from .plan import differing_keys, folder_for, identity, identity_hash, read_plan_doc, shard_of
+    from .plan import check_identity, folder_for, identity, identity_hash, read_plan_doc, shard_of
     from .validate import validate_inputs, validate_model, validate_static
 
     validate_static(cfg)
@@ -59,14 +59,8 @@ def _check_job(cfg) -> tuple[str | None, str | None]:
     except (InterpolationResolutionError, ValueError):  # run_dir=...${hydra:job.num}: a folder per job anyway
         return None, h
     doc = read_plan_doc(folder) if folder.is_dir() else None
-    if doc is not None and doc["identity_hash"] != h:
-        from .plan import PlanError
-
-        diff = differing_keys(doc["identity"], ident)
-        raise PlanError(
-            f"run folder {folder} holds the plan of another config (differs in {', '.join(diff[:6]) or 'version'}): "
-            "drop run_dir/run_name to get a folder of its own, or restore those settings"
-        )
+    if doc is not None:
+        check_identity(doc, ident, h, folder)
     return str(folder), h
 
 

@@ -305,6 +305,17 @@ def read_plan_doc(folder: Path) -> dict | None:
     return doc
 
 
+def check_identity(doc: dict, ident: dict, ident_hash: str, folder: Path) -> None:
+    """Refuse (PlanError, one line naming the differing keys) a plan claimed by another identity."""
+    diff = differing_keys(doc["identity"], json.loads(json.dumps(ident, default=str)))
+    if diff or doc["identity_hash"] != ident_hash:
+        shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
+        raise PlanError(
+            f"run folder {folder} holds the plan of another config (differs in {shown or 'version'}): "
+            "drop run_dir/run_name to get a folder of its own, or restore those settings"
+        )
+
+
 def claim_plan(cfg: DictConfig, folder: Path, cells: list[Cell], ident: dict, ident_hash: str) -> RunPlan:
     """Claim the folder for this identity and plan, or join the plan already claimed there.
 
@@ -327,13 +338,7 @@ def claim_plan(cfg: DictConfig, folder: Path, cells: list[Cell], ident: dict, id
             doc = read_plan_doc(folder)
     if doc is None:
         doc = json.loads((folder / PLAN_FILE).read_text())
-    diff = differing_keys(doc["identity"], json.loads(json.dumps(ident, default=str)))
-    if diff or doc["identity_hash"] != ident_hash:
-        shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
-        raise PlanError(
-            f"run folder {folder} holds the plan of another config (differs in {shown or 'version'}): "
-            "drop run_dir/run_name to get a folder of its own, or restore those settings"
-        )
+    check_identity(doc, ident, ident_hash, folder)
     by_id = {c.cell_id: c for c in cells}
     order = [row[0] for row in doc["cells"]]
     if set(order) != set(by_id) or len(order) != len(by_id):
