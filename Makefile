@@ -33,7 +33,7 @@ run: setup  ## the default sweep on the embedded model (CPU): table + report und
 	$(PY) run_experiment.py $(ARGS)
 
 test: setup  ## the whole suite: fast, slow (real model), Slurm and fault tests
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 test-fast: setup  ## the inner loop: tiny random models only
 	$(PY) -m pytest -q -m "not slow and not slurm and not faults" $(PYTEST_ARGS)

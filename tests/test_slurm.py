@@ -73,16 +73,22 @@ def assert_same_table(run_dir: Path, direct: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def test_submit_script_matches_direct_run(cluster, direct, tmp_path):
+def test_submit_script_requeued_mid_run_matches_direct_run(cluster, direct, tmp_path):
+    """The real sbatch script on a hostile path, requeued (`scontrol requeue`, as a preemption or
+    the USR2 time-limit trap does) after its first part: it resumes and the table is the direct run's."""
     run_dir = tmp_path / "with space's" / "run"  # hostile path through sbatch and Hydra
+    parts = run_dir / "parts"
     t0 = time.time()
-    job = sbatch(tmp_path, f'run_dir="{run_dir}"')  # Hydra syntax: double quotes hold the apostrophe
-    print(f"sbatch job {job}: {time.time() - t0:.1f} s")
-    assert state(job) == "COMPLETED"
+    # Hydra syntax: double quotes hold the apostrophe
+    job = sbatch(tmp_path, f'run_dir="{run_dir}"', "generation.batch_size=4", wait=False)
+    wait_for(lambda: len(list(parts.glob("part-*.parquet"))) >= 1, 300, "a part file")
+    sh("scontrol", "requeue", job)
+    wait_for(lambda: state(job) == "COMPLETED", 600, "the requeued job to complete")
+    print(f"sbatch job {job}, requeued once: {time.time() - t0:.1f} s")
     df = assert_same_table(run_dir, direct)
     assert len(df) == 48
     log = next(tmp_path.glob("slurm-*.out")).read_text()
-    assert "48 rows in" in log
+    assert "restart 1" in log and "48 rows in" in log
 
 
 def test_throttled_array_one_task_at_a_time(cluster, direct, tmp_path):
@@ -114,18 +120,6 @@ def test_array_task_cancelled_then_array_resubmitted(cluster, direct, tmp_path):
     assert "shard 0 of 2: 24/24 cells" in st and "finish with: python run_experiment.py" in st
     job2 = sbatch(tmp_path, f"run_dir={run_dir}", "generation.batch_size=4", sbatch_opts=("--array=0-1",))
     assert set(states(job2).values()) == {"COMPLETED"}
-    assert_same_table(run_dir, direct)
-
-
-def test_requeue_resumes(cluster, direct, tmp_path):
-    run_dir = tmp_path / "run"
-    parts = run_dir / "parts"
-    job = sbatch(tmp_path, f"run_dir={run_dir}", "generation.batch_size=4", wait=False)
-    wait_for(lambda: len(list(parts.glob("part-*.parquet"))) >= 1, 300, "a part file")
-    sh("scontrol", "requeue", job)
-    wait_for(lambda: state(job) == "COMPLETED", 600, "the requeued job to complete")
-    log = next(tmp_path.glob("slurm-*.out")).read_text()
-    assert "restart 1" in log
     assert_same_table(run_dir, direct)
 
 
@@ -161,8 +155,10 @@ def test_multirun_sweep_runs_every_job_whole(cluster, direct, tmp_path):
 def test_two_jobs_with_different_configs_into_one_folder(cluster, tmp_path):
     """Started together, aimed at one run_dir: one claims it; the other is refused before loading."""
     run_dir = tmp_path / "run"
-    a = sbatch(tmp_path / "a", f"run_dir={run_dir}", wait=False)
-    b = sbatch(tmp_path / "b", f"run_dir={run_dir}", "generation.max_new_tokens=5", wait=False)
+    a = sbatch(
+        tmp_path / "a", f"run_dir={run_dir}", "prompts.limit=2", wait=False
+    )  # 16 cells: the refusal is the point
+    b = sbatch(tmp_path / "b", f"run_dir={run_dir}", "prompts.limit=2", "generation.max_new_tokens=5", wait=False)
     done = ("COMPLETED", "FAILED", "CANCELLED")
     wait_for(lambda: state(a) in done and state(b) in done, 600, "both jobs to end")
     logs = {j: next((tmp_path / d).glob("slurm-*.out")).read_text() for j, d in ((a, "a"), (b, "b"))}
@@ -174,7 +170,7 @@ def test_two_jobs_with_different_configs_into_one_folder(cluster, tmp_path):
         "error: run folder" in log and "holds the plan of another config (differs in generation.max_new_tokens)" in log
     )
     assert "memory budget" not in log and "loaded" not in log  # refused before any weight was read
-    assert len(pd.read_parquet(run_dir / "results.parquet")) == 48
+    assert len(pd.read_parquet(run_dir / "results.parquet")) == 16
 
 
 def test_plan_cpu_budget_below_mem_limit(cluster, tmp_path):
