@@ -83,7 +83,7 @@ def run(cfg: DictConfig) -> dict | list | Path:
             print(f"merged {len(df)} rows into {path}")
             if cfg.task == "merge":
                 return path
-        from .report import write_report
+        from .reporting import write_report
 
         path = write_report([folder.path, *map(Path, cfg.report.compare_runs)], cfg.report)
         print(f"report written to {path}")

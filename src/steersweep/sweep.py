@@ -241,7 +241,7 @@ def finish(cfg: DictConfig, folder: RunFolder, plan: RunPlan, written: int) -> d
     df, path = folder.merge(csv=cfg.report.csv, keep=all_ids)
     summary.update(table=str(path), rows=len(df))
     if cfg.report.enabled:
-        from .report import write_report
+        from .reporting import write_report
 
         summary["report"] = str(write_report(folder.path, cfg.report))
     print(f"wrote {written} new rows; {len(df)} rows in {path}")
