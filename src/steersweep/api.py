@@ -69,7 +69,7 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from .cli import _compose_error
+    from .cli import compose_error
     from .config import register_configs
     from .validate import ConfigError
 
@@ -78,7 +78,7 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             return compose(config_name="config", overrides=[str(o) for o in overrides])
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_compose_error(e)) from None
+        raise ConfigError(compose_error(e)) from None
 
 
 def _override_value(v: Any) -> str:
@@ -92,18 +92,6 @@ def _override_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ",".join(_override_value(x) for x in v) + "]"
     return "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _validate(cfg: DictConfig):
-    """The CLI's checks that need no weights and no run folder; returns the model's HF config."""
-    from .plan import shard_of
-    from .validate import validate_inputs, validate_model, validate_static
-
-    validate_static(cfg)
-    shard_of(cfg)
-    hf = validate_model(cfg, need_checkpoint=False)  # the checkpoint itself is checked when it loads
-    validate_inputs(cfg, hf)
-    return hf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,13 +208,13 @@ class Sweep:
 
     def __init__(self, cfg: DictConfig, loaded: Sequence | None = None):
         """Validate `cfg` (as the CLI does before loading) and keep it; see `from_config`."""
-        from .validate import ConfigError
+        from .validate import ConfigError, validate_offline
 
         if cfg.task != "run":
             raise ConfigError(
                 f"task={cfg.task}: a Sweep runs task=run; use steersweep.report() for reports, or the CLI"
             )
-        hf = _validate(cfg)
+        hf = validate_offline(cfg)
         if loaded is not None:
             _check_loaded(cfg, hf, loaded)
         self.cfg = cfg

@@ -15,7 +15,7 @@ from pathlib import Path
 MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
-def _compose_error(e: Exception) -> str:
+def compose_error(e: Exception) -> str:
     lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
     msg = lines[0] if lines else type(e).__name__
     if e.__cause__ is not None:
@@ -43,15 +43,13 @@ def _check_job(cfg) -> tuple[str | None, str | None]:
     """Everything about one job that needs no weights; returns (its folder, identity hash)."""
     from omegaconf.errors import InterpolationResolutionError
 
-    from .plan import check_identity, folder_for, identity, identity_hash, read_plan_doc, shard_of
-    from .validate import validate_inputs, validate_model, validate_static
+    from .plan import check_identity, folder_for, identity, identity_hash, read_plan_doc
+    from .validate import validate_offline, validate_static
 
-    validate_static(cfg)
-    shard_of(cfg, multirun=True)
     if cfg.task not in ("run", "vectors"):
+        validate_static(cfg)
         return None, None
-    hf = validate_model(cfg, need_checkpoint=False)  # the checkpoint may live only on compute nodes
-    validate_inputs(cfg, hf)
+    validate_offline(cfg, multirun=True)
     ident = identity(cfg)
     h = identity_hash(ident)
     try:
@@ -80,7 +78,7 @@ def precheck(argv: list[str], conf_dir: Path) -> None:
     try:
         jobs = _sweep_jobs(overrides) if multirun else [overrides]
     except (HydraException, OmegaConfBaseException) as e:
-        _die(_compose_error(e))
+        _die(compose_error(e))
     seen: dict[str, tuple[int, str]] = {}
     for n, job in enumerate(jobs):
         where = f"job {n} ({' '.join(job)}): " if multirun and len(jobs) > 1 else ""
@@ -89,7 +87,7 @@ def precheck(argv: list[str], conf_dir: Path) -> None:
             with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
                 cfg = compose(config_name="config", overrides=own)
         except (HydraException, OmegaConfBaseException) as e:
-            _die(where + _compose_error(e))
+            _die(where + compose_error(e))
         if not multirun:
             return  # a single run validates itself before loading, with its own messages
         try:

@@ -243,3 +243,19 @@ def validate_inputs(cfg: DictConfig, hf) -> dict:
             raise ConfigError(str(e)) from None
         out["vectors"] = vs
     return out
+
+
+def validate_offline(cfg: DictConfig, multirun: bool = False):
+    """Every check that needs no weights and no run folder (before a -m sweep is submitted, or
+    before a notebook sweep starts); returns the model's HF config.
+
+    The checkpoint itself may live only on compute nodes, so its config.json is enough here; the
+    job checks the weights when it starts.
+    """
+    from .plan import shard_of
+
+    validate_static(cfg)
+    shard_of(cfg, multirun=multirun)
+    hf = validate_model(cfg, need_checkpoint=False)
+    validate_inputs(cfg, hf)
+    return hf
