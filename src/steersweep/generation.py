@@ -42,15 +42,11 @@ def use_chat_template(tokenizer, mode: str) -> bool:
 
 
 def left_pad(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token id lists into (input_ids, attention_mask)."""
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        if x:
-            input_ids[i, width - len(x) :] = torch.tensor(x, dtype=torch.long)
-            mask[i, width - len(x) :] = 1
-    return input_ids, mask
+    """Left-pad token id lists into (input_ids, attention_mask): `encoding.model_inputs`' padding."""
+    from .encoding import model_inputs
+
+    enc = model_inputs(ids, pad_id)
+    return enc["input_ids"], enc["attention_mask"]
 
 
 class RowSeededSampler(LogitsProcessor):
@@ -178,7 +174,9 @@ def _shared_prefix_cache(model, prompt_ids: Sequence[Sequence[int]], pad: int, d
         ids = torch.cat([torch.full((len(uniq), extra), pad), ids], 1)
         mask = torch.cat([torch.zeros((len(uniq), extra), dtype=mask.dtype), mask], 1)
     ids, mask = ids[:, :-1], mask[:, :-1]
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    from .encoding import position_ids
+
+    pos = position_ids(mask)
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                 use_cache=True, logits_to_keep=1)  # fmt: skip
     cache = out.past_key_values
