@@ -8,7 +8,8 @@ from omegaconf import OmegaConf
 
 from steersweep.baselines import seed_loop_generate
 from steersweep.config import GenerationConfig
-from steersweep.generation import generate_rows, generate_with_backoff
+from steersweep.generation import generate_rows
+from steersweep.memory import generate_with_backoff
 
 PROMPTS = ["Tell me about your weekend.", "Describe the sea.", "What is a good breakfast?"]
 

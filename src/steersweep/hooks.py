@@ -84,6 +84,15 @@ class RowDelta:
             self._cache[key] = self.delta.to(device=like.device, dtype=like.dtype)[:, None, :]
         return self._cache[key]
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows `rows` (indices into the current batch, in that order).
+
+        The decode loop drops finished rows from the batch; every per-row state follows.
+        """
+        self.delta = self.delta[rows.cpu()]
+        self.rows = int(self.delta.shape[0])
+        self._cache = {k: v[rows.to(v.device)] for k, v in self._cache.items()}
+
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         d = self.on(h)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 
 from . import generation as G
+from . import memory as M
 from .plan import (
     PROJECT_ROOT,
     Batch,
@@ -136,7 +137,7 @@ def generate_batches(
             f"{ctx} tokens: shorten them or lower generation.max_new_tokens"
         )
     longest = max(len(prompt_ids[c.prompt_id]) for b in batches for c in b.cells) + gen.max_new_tokens
-    chunk = G.rows_that_fit(model, longest, gen.max_batch_size)
+    chunk = M.rows_that_fit(model, longest, gen.max_batch_size)
     log.info("generating %d batches; up to %d rows per generate call", len(batches), chunk)
     scorer = Scorer(cfg, model, tokenizer, vs, inputs, prompt_ids, folder)
     bar = tqdm(total=sum(len(b.cells) for b in batches), desc="cells", unit="cell",
@@ -153,7 +154,7 @@ def generate_batches(
     for batch in batches:
         outs: list[G.Completion] = []
         t0 = time.perf_counter()
-        chunk = G.generate_with_backoff(
+        chunk = M.generate_with_backoff(
             run, list(batch.cells), min(chunk, len(batch.cells)), lambda _c, o, _s, acc=outs: acc.extend(o),
             cfg.memory.batch_timeout_s,
         )  # fmt: skip
