@@ -154,9 +154,91 @@ def test_greedy_ignores_the_checkpoints_penalties(embedded_dir, tmp_path, tokeni
     for p, comp in zip(ids, ours, strict=True):
         ref = seed_loop_generate(model, p, 10, 0.0, v, 24, eos)  # plain argmax, full forward per token
         assert comp.token_ids == [t for t in ref if t not in eos]
-    # and the shipped config really changes "greedy" tokens, so this test can fail
+    # and the shipped config really changes `generate`'s "greedy" tokens, so this test can fail
     from transformers import GenerationConfig
 
     model.generation_config = GenerationConfig(**{**shipped, "do_sample": False, "temperature": None, "top_p": None})
-    penalised = generate_rows(model, tok, ids, [(10, 0.0, v)] * 3, gen_cfg(max_new_tokens=24))
+    penalised = generate_rows(model, tok, ids, [(10, 0.0, v)] * 3, gen_cfg(max_new_tokens=24), engine="generate")
     assert [c.token_ids for c in penalised] != [c.token_ids for c in ours]
+
+
+# ---------------------------------------------------------------------------------------------
+# The decode loop (engine="loop") against transformers' generate (engine="generate")
+
+MORE_PROMPTS = [*PROMPTS, "Hi", "Write a very long and detailed story about a dragon who learns to cook soup."]
+
+
+@pytest.mark.parametrize("sample", [False, True])
+@pytest.mark.parametrize("positions", ["all", "generated"])
+def test_decode_loop_equals_generate_with_rows_stopping_early(tiny, tokenizer, sample, positions):
+    """Rows stop at different steps (an extra EOS id), so the loop drops rows and trims padding."""
+    ids = [tokenizer(p)["input_ids"] for p in MORE_PROMPTS]
+    # one token in 12 ends a row: rows of a random model stop at scattered steps
+    tiny.generation_config.eos_token_id = [tokenizer.eos_token_id, *range(1, tiny.config.vocab_size, 12)]
+    v = {1: torch.randn(32) * 2, 3: torch.randn(32) * 2}
+    cells = [(i, layer, a) for i in range(len(ids)) for layer in (1, 3) for a in (-1.0, 0.0, 2.0)]
+    rows = [(layer, a, v[layer]) for _, layer, a in cells]
+    cfg = gen_cfg(max_new_tokens=20, do_sample=sample, temperature=1.3)
+    seeds = list(range(100, 100 + len(cells))) if sample else None
+    batch_sizes: list[int] = []
+    widths: list[int] = []
+
+    def spy(module, args, kwargs):  # noqa: ARG001
+        h = args[0] if args else kwargs["hidden_states"]
+        batch_sizes.append(h.shape[0])
+        widths.append(kwargs["attention_mask"].shape[-1] if kwargs.get("attention_mask") is not None else -1)
+
+    args = (tiny, tokenizer, [ids[i] for i, _, _ in cells], rows, cfg, seeds, positions)
+    ref = generate_rows(*args, engine="generate")
+    handle = tiny.model.layers[0].register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        ours = generate_rows(*args, engine="loop")
+    finally:
+        handle.remove()
+    assert [c.token_ids for c in ours] == [c.token_ids for c in ref]
+    assert [c.stop_reason for c in ours] == [c.stop_reason for c in ref]
+    stops = [c.n_new_tokens for c in ref if c.stop_reason == "eos"]
+    assert len(set(stops)) > 1 and len(stops) < len(ref)  # rows really stopped at different steps
+    assert batch_sizes[-1] < max(batch_sizes)  # finished rows left the batch
+
+
+def test_decode_loop_trims_padding_no_live_row_needs(tiny, tokenizer):
+    """A long prompt that stops first: the rows left no longer pay for its padding columns."""
+    ids = [tokenizer(p)["input_ids"] for p in ["Hi", "Hello", MORE_PROMPTS[-1]]]
+    first = generate_rows(tiny, tokenizer, [ids[2]], [(1, 0.0, torch.zeros(32))], gen_cfg(max_new_tokens=4))[0]
+    tiny.generation_config.eos_token_id = [tokenizer.eos_token_id, first.token_ids[1]]  # row 3 stops at step 2
+    lengths: list[int] = []
+
+    def spy(module, args, kwargs):  # noqa: ARG001
+        lengths.append(kwargs["cache"].get_seq_length() if kwargs.get("cache") is not None else 0)
+
+    handle = tiny.model.layers[0].self_attn.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        ours = generate_rows(tiny, tokenizer, ids, [(1, 0.0, torch.zeros(32))] * 3, gen_cfg(max_new_tokens=8))
+    finally:
+        handle.remove()
+    ref = generate_rows(tiny, tokenizer, ids, [(1, 0.0, torch.zeros(32))] * 3, gen_cfg(max_new_tokens=8),
+                        engine="generate")  # fmt: skip
+    assert [c.token_ids for c in ours] == [c.token_ids for c in ref]
+    assert ours[2].stop_reason == "eos" and ours[2].n_new_tokens == 1
+    assert min(lengths[2:]) < len(ids[2])  # the cache lost the long prompt's columns
+
+
+@pytest.mark.slow
+def test_decode_loop_equals_generate_on_the_real_model_sampled_short_answers(real_model, tokenizer):
+    """The EOS-heavy case on the embedded model in float32: sampled chat answers of a few words."""
+    from steersweep.encoding import encode_prompts
+
+    questions = ["Answer in one word: what colour is the sky?", "Say yes or no: is water wet?",
+                 "Name one fruit.", "What is 2+2? Reply with the number only.", "Tell me a long story."]  # fmt: skip
+    ids = encode_prompts(tokenizer, questions, gen_cfg())
+    period = tokenizer.convert_tokens_to_ids(".")
+    real_model.generation_config.eos_token_id = [tokenizer.eos_token_id, period]  # answers end at a full stop
+    v = torch.randn(576) * 4
+    cells = [(i, a) for i in range(len(ids)) for a in (0.0, 2.0)]
+    cfg = gen_cfg(max_new_tokens=32, do_sample=True, temperature=1.0)
+    args = (real_model, tokenizer, [ids[i] for i, _ in cells], [(12, a, v) for _, a in cells], cfg,
+            [7 + k for k in range(len(cells))])  # fmt: skip
+    ours, ref = generate_rows(*args, engine="loop"), generate_rows(*args, engine="generate")
+    assert [c.token_ids for c in ours] == [c.token_ids for c in ref]
+    assert sum(c.stop_reason == "eos" for c in ref) >= len(cells) // 2  # most rows stop early

@@ -10,7 +10,7 @@ re-sharded sweep reproduces the same samples.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,19 +51,26 @@ class RowSeededSampler(LogitsProcessor):
     """Temperature and top-p (transformers' warpers), then per-row Gumbel noise.
 
     With greedy decoding on top, argmax(warped logits + Gumbel) samples each row from its warped
-    distribution using only that row's generator.
+    distribution using only that row's generator. The generators live on the model's device, so
+    no B x vocab block of random numbers crosses from the CPU each step.
     """
 
-    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device: torch.device | str = "cpu"):
         self.warpers = [TemperatureLogitsWarper(temperature)]
         if top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(top_p))
-        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.device = torch.device(device)
+        self.gens = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows `rows` (finished rows leave the decode loop's batch)."""
+        self.gens = [self.gens[i] for i in rows.tolist()]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for w in self.warpers:
             scores = w(input_ids, scores)
-        u = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.gens])
+        n = scores.shape[-1]
+        u = torch.stack([torch.rand(n, generator=g, device=self.device) for g in self.gens])
         gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
         return scores.float() + gumbel.to(scores.device)
 
@@ -95,8 +102,10 @@ def generate_rows(
     positions: str = "all",
     layers_path: str | None = None,
     shared_prefill: bool = True,
+    engine: str = "loop",
+    on_step: Callable[[int, int], None] | None = None,
 ) -> list[Completion]:
-    """One `generate` call for a batch of rows, each steered by its own (layer, alpha, vector).
+    """Generate a batch of rows in one decode, each steered by its own (layer, alpha, vector).
 
     Args:
         prompt_ids: token ids per row (already templated).
@@ -106,6 +115,11 @@ def generate_rows(
         shared_prefill: with positions="generated", run each distinct prompt's unsteered prefix
             once and give every row a copy of its KV cache (rows of one prompt differ only from
             the last prompt token on).
+        engine: "loop" (default): our decode loop, which drops rows that finished (EOS) from the
+            batch and trims padding no live row needs; "generate": one transformers `generate`
+            call (static batching: finished rows are decoded until the last row ends). Token-equal
+            in float32 (tests/test_generation.py).
+        on_step: called after every decoding step with (tokens made, rows finished) in that step.
 
     Identical rows are generated once: alpha 0 is the same unsteered completion whatever the
     layer, so a sweep over L layers would otherwise decode each greedy baseline L times.
@@ -122,37 +136,150 @@ def generate_rows(
         out = generate_rows(
             model, tokenizer, [prompt_ids[i] for i in idx], [steering[i] for i in idx], gen,
             [seeds[i] for i in idx] if seeds is not None else None, positions, layers_path, shared_prefill,
+            engine, on_step,
         )  # fmt: skip
         by_key = dict(zip(first, out, strict=True))
         return [by_key[k] for k in keys]
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if gen.do_sample and seeds is None:
+        raise ValueError("sampling needs one seed per row")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids, mask = left_pad(prompt_ids, pad)
     device = model.get_input_embeddings().weight.device
-    kwargs: dict = {
-        "max_new_tokens": gen.max_new_tokens,
-        "do_sample": False,
-        "pad_token_id": pad,
-        "use_cache": True,
-    }
-    if gen.do_sample:
-        if seeds is None:
-            raise ValueError("sampling needs one seed per row")
-        kwargs["logits_processor"] = LogitsProcessorList([RowSeededSampler(seeds, gen.temperature, gen.top_p)])
-    if positions == "generated" and shared_prefill and input_ids.shape[1] > 1:
-        kwargs["past_key_values"] = _shared_prefix_cache(model, prompt_ids, pad, device)
-    with steer(model, row_deltas(steering, positions), layers_path):
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)
-    new = out[:, input_ids.shape[1] :].cpu()
     eos = _eos_ids(model, tokenizer)
-    results = []
-    for row in new.tolist():
+    sampler = RowSeededSampler(seeds, gen.temperature, gen.top_p, device) if gen.do_sample else None
+    cache = None
+    if positions == "generated" and shared_prefill and input_ids.shape[1] > 1:
+        cache = _shared_prefix_cache(model, prompt_ids, pad, device)
+    deltas = row_deltas(steering, positions)
+    with steer(model, deltas, layers_path):
+        if engine == "generate":
+            rows = _generate(model, input_ids.to(device), mask.to(device), gen, sampler, cache, pad, eos)
+        else:
+            rows = _decode(model, input_ids.to(device), mask.to(device), gen, sampler, cache, pad, eos,
+                           list(deltas.values()), on_step)  # fmt: skip
+    return [Completion(tokenizer.decode(r, skip_special_tokens=True), r, len(r), stop) for r, stop in rows]
+
+
+ENGINES = ("loop", "generate")
+
+
+def _generate(model, input_ids, mask, gen, sampler, cache, pad, eos) -> list[tuple[list[int], str]]:
+    """transformers' `generate`, static batching: the reference the decode loop is tested against."""
+    kwargs: dict = {"max_new_tokens": gen.max_new_tokens, "do_sample": False, "pad_token_id": pad, "use_cache": True}
+    if sampler is not None:
+        kwargs["logits_processor"] = LogitsProcessorList([sampler])
+    if cache is not None:
+        kwargs["past_key_values"] = cache
+    out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+    rows = []
+    for row in out[:, input_ids.shape[1] :].tolist():
         stop = "length"
         for i, t in enumerate(row):
             if t in eos:
                 row, stop = row[:i], "eos"
                 break
-        results.append(Completion(tokenizer.decode(row, skip_special_tokens=True), row, len(row), stop))
-    return results
+        rows.append((row, stop))
+    return rows
+
+
+def _decode(model, input_ids, mask, gen, sampler, cache, pad, eos, deltas, on_step) -> list[tuple[list[int], str]]:
+    """Greedy (or Gumbel-sampled) decoding with a KV cache that drops finished rows.
+
+    Each step does what `generate` does for one token (float32 logits of the last position,
+    min_new_tokens, the row sampler, argmax). A row that emits EOS stops; once an eighth of the live
+    rows have stopped they leave the batch (the cache, the mask, the steering deltas and the
+    sampler's generators keep the other rows), and mask columns that no live row attends to are
+    trimmed. Which rows leave when is a function of the batch alone, so a batch decodes the same way
+    on every run.
+    """
+    from .encoding import position_ids
+
+    cache_arg = cache_argument(model)
+    n = input_ids.shape[0]
+    min_new = int(getattr(model.generation_config, "min_new_tokens", None) or 0)
+    eos_list = sorted(eos)
+    pos = position_ids(mask)
+    if cache is not None:  # the prefix is cached: feed the last prompt token only
+        step_ids, step_pos = input_ids[:, -1:], pos[:, -1:]
+    else:
+        step_ids, step_pos = input_ids, pos
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    stops = ["length"] * n
+    live = list(range(n))  # original row index of each batch row
+    stopped = [False] * n  # per batch row: emitted EOS (still in the batch until compaction)
+    for step in range(gen.max_new_tokens):
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
+                    logits_to_keep=1, **{cache_arg: cache})  # fmt: skip
+        cache = cache_of(out)
+        logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
+        del out
+        if step < min_new and eos_list:
+            logits[:, eos_list] = float("-inf")
+        if sampler is not None:
+            logits = sampler(None, logits)
+        nxt = logits.argmax(-1)
+        finished = 0
+        for b, t in enumerate(nxt.tolist()):
+            if stopped[b]:
+                continue
+            if t in eos:
+                stopped[b], stops[live[b]] = True, "eos"
+                finished += 1
+            else:
+                tokens[live[b]].append(t)
+        if on_step is not None:
+            on_step(len(live) - sum(stopped) + finished, finished)
+        if all(stopped) or step + 1 == gen.max_new_tokens:
+            break
+        if sum(stopped) * 8 >= len(live):
+            keep = torch.tensor([b for b, s in enumerate(stopped) if not s])
+            cache.batch_select_indices(keep)
+            for rd in deltas:
+                rd.keep(keep)
+            if sampler is not None:
+                sampler.keep(keep)
+            mask, nxt, step_pos = mask[keep.to(mask.device)], nxt[keep.to(nxt.device)], step_pos[keep.to(mask.device)]
+            live = [live[b] for b in keep.tolist()]
+            stopped = [False] * len(live)
+            mask, cache = _trim_padding(mask, cache)
+        done = torch.tensor(stopped, device=nxt.device)
+        step_ids = torch.where(done, torch.full_like(nxt, pad), nxt)[:, None]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
+        step_pos = step_pos[:, -1:] + 1
+    return [(t, s) for t, s in zip(tokens, stops, strict=True)]
+
+
+def cache_argument(model) -> str:
+    """The forward keyword of the KV cache: `cache` from transformers 5.24, `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(out):
+    """The KV cache a forward pass returned, under either name."""
+    cache = out.get("cache")
+    return cache if cache is not None else out.get("past_key_values")
+
+
+def _trim_padding(mask: torch.Tensor, cache):
+    """Drop leading mask columns that no live row attends to (from the mask and every cache layer).
+
+    Only for caches made of plain full-attention layers, whose tensors are [B, heads, T, dim]; other
+    caches (sliding windows, linear attention) keep their padding.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    used = mask.any(0).nonzero()
+    k = int(used[0]) if len(used) else 0
+    layers = getattr(cache, "layers", None)
+    if k == 0 or not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return mask, cache
+    for layer in layers:
+        layer.keys, layer.values = layer.keys[:, :, k:], layer.values[:, :, k:]
+    return mask[:, k:], cache
 
 
 def _shared_prefix_cache(model, prompt_ids: Sequence[Sequence[int]], pad: int, device):
@@ -177,6 +304,6 @@ def _shared_prefix_cache(model, prompt_ids: Sequence[Sequence[int]], pad: int, d
     pos = position_ids(mask)
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                 use_cache=True, logits_to_keep=1)  # fmt: skip
-    cache = out.past_key_values
+    cache = cache_of(out)
     cache.reorder_cache(torch.tensor(rows))  # one copy per row, on each layer's own device
     return cache

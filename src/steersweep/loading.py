@@ -7,6 +7,7 @@ stalls, so a hang is diagnosed from the log instead of waited on.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -28,20 +29,53 @@ MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": None}
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    """Config dtype -> torch dtype. "auto": bfloat16 on a GPU, float32 on CPU-only machines.
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo); empty where unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
-    CPUs without AVX512-BF16/AMX run bfloat16 GEMMs several times slower than float32 (measured on a
-    2-core AVX2 EPYC: 16-19 vs 120-144 GFLOP/s), so the embedded model defaults to float32 there.
+
+@functools.cache
+def auto_dtype() -> tuple[torch.dtype, str]:
+    """What `dtype: auto` means on this machine, and why: the fastest dtype it computes natively.
+
+    Decided on the machine, not assumed: CPUs with AVX512-BF16 or AMX run bfloat16 GEMMs 2-3x
+    faster than float32 (measured 357-435 vs 100-189 GFLOP/s on a 2-core AVX512-BF16 Xeon), while
+    CPUs without them emulate bfloat16 several times slower than float32 (16-19 vs 120-144 GFLOP/s
+    on a 2-core AVX2 EPYC).
     """
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return torch.bfloat16, f"{torch.cuda.get_device_name(0)} computes bfloat16 natively"
+        return torch.float16, f"{torch.cuda.get_device_name(0)} has no native bfloat16 (compute capability < 8.0)"
+    native = [f for f in ("amx_bf16", "avx512_bf16") if f in cpu_flags()]
+    if native:
+        return torch.bfloat16, f"CPU-only; the CPU has {native[0]} (native bfloat16 matrix multiply)"
+    return torch.float32, "CPU-only; the CPU has neither AVX512-BF16 nor AMX, so bfloat16 would be emulated (slower)"
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Config dtype -> torch dtype; "auto" is decided on this machine (`auto_dtype`)."""
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return auto_dtype()[0]
     return DTYPES[name]
 
 
 def resolved_dtype_name(name: str) -> str:
     """The dtype a config's `model.dtype` means on this machine ("auto" resolved)."""
     return str(torch_dtype(name)).removeprefix("torch.")
+
+
+def dtype_decision(name: str) -> dict:
+    """The dtype record for logs and the manifest: asked, used, and why."""
+    used = resolved_dtype_name(name)
+    return {"config": name, "used": used, "reason": auto_dtype()[1] if name == "auto" else "set in the config"}
 
 
 _UNITS = {
@@ -307,6 +341,8 @@ def load_model(model_cfg: ModelConfig, mem: MemoryConfig, gpu: int | None = None
 
         q = {"8bit": {"load_in_8bit": True}, "4bit": {"load_in_4bit": True}}[model_cfg.quantization]
         kwargs["quantization_config"] = BitsAndBytesConfig(**q)
+    dtype = dtype_decision(model_cfg.dtype)
+    log.info("dtype %s -> %s (%s)", dtype["config"], dtype["used"], dtype["reason"])
     log.info("memory budget: %s", {k: fmt_bytes(v) for k, v in budget.items()})
     t0 = time.perf_counter()
     with watchdog(mem.load_timeout_s, f"loading {path}"):
@@ -331,6 +367,7 @@ def load_model(model_cfg: ModelConfig, mem: MemoryConfig, gpu: int | None = None
     per_dev = Counter(str(next(block.parameters()).device) for block in layers)
     info = {
         "path": path,
+        "dtype": dtype,
         "load_seconds": round(time.perf_counter() - t0, 2),
         "max_memory": {str(k): v for k, v in budget.items()},
         "device_map": {k: str(v) for k, v in dmap.items()},

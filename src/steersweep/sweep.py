@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import generation as G
 from . import memory as M
+from .loading import dtype_decision
 from .plan import (
     PROJECT_ROOT,
     Batch,
@@ -210,6 +211,7 @@ def manifest(cfg: DictConfig, plan: RunPlan, vs: VectorSet | None, load_info: di
         "packages": package_versions(),
         "host": host_info(),
         "shard": list(shard),
+        "dtype": dtype_decision(cfg.model.dtype),
         "load": load_info,
         "vectors": {
             str(layer): {
