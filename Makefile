@@ -7,10 +7,12 @@ MODEL := .cache/smollm2-135m-instruct/steersweep_converted.json
 # torch first: 2.13.0 is the CPU build on these machines' disk; on a GPU node: make setup TORCH=torch
 TORCH ?= torch==2.13.0
 
-.PHONY: help setup model run test test-fast bench lint format slurm-up slurm-down slurm-smoke clean
+.PHONY: help setup browser model run test test-fast bench gpu-check lint format slurm-up slurm-down slurm-smoke clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@echo "Tasks: $(PY) run_experiment.py task=plan | task=status run_dir=DIR | task=report run_dir=DIR"
+	@echo "       $(PY) run_experiment.py --help   (every task and config group)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -20,12 +22,20 @@ $(STAMP): pyproject.toml
 	# test-only: the preset families' real tokenizer files (Mistral's SentencePiece models, Llama 3's
 	# tiktoken ranks) and what transformers needs to load them; tests/test_encoding.py finds the files
 	$(PIP) install -q --no-deps mistral-common==1.13.1 llama-models==0.3.0 sentencepiece==0.2.3 tiktoken==0.14.0 protobuf==7.36.2
+	# make bench's per-setting peer (and tests/test_bench.py): steering-vectors declares transformers<5 but runs
+	# on 5.x, so --no-deps; what it imports (scikit-learn, tqdm) comes with the dev extra
+	$(PIP) install -q --no-deps steering-vectors==0.12.2
 	rm -f .venv/.steersweep-setup-*; touch $@
 
 $(MODEL): $(STAMP)
 	$(PY) -m steersweep.embedded                       # GGUF -> sharded bf16 safetensors, once
 
-setup: $(STAMP) $(MODEL)  ## venv, packages, embedded model (idempotent)
+setup: $(STAMP) $(MODEL) browser  ## venv, packages, embedded model, headless browser (idempotent)
+
+browser:  ## Debian's chromium for the HTML report's browser test (installed only when missing)
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "note: no chromium (install Debian's chromium as root); tests/test_report_html.py will skip"
 
 model: $(MODEL)  ## convert the embedded model only
 
@@ -38,8 +48,12 @@ test: setup  ## the whole suite: fast, slow (real model), Slurm and fault tests
 test-fast: setup  ## the inner loop: tiny random models only
 	$(PY) -m pytest -q -m "not slow and not slurm and not faults" $(PYTEST_ARGS)
 
-bench: setup  ## throughput benchmark: seed loop vs per-cell vs per-setting vs grid
-	$(PY) benchmarks/bench_generation.py $(ARGS)
+bench: setup  ## throughput vs the steering-vectors library, per-cell, static batching; the issue's targets
+	PYTHONPATH=benchmarks $(PY) -m steerbench $(ARGS)
+
+gpu-check: setup  ## GPU tests (tests marked gpu; skipped without CUDA): bf16 agreement, CPU spill, 4-bit, budgets, bandwidth
+	$(PIP) install -q -e ".[quant]"                    # bitsandbytes, for the 4-bit load
+	$(PY) -m pytest -m gpu -s -q $(PYTEST_ARGS)
 
 lint:  ## ruff check + format check
 	.venv/bin/ruff check src tests run_experiment.py benchmarks

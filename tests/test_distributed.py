@@ -8,7 +8,7 @@ import sys
 
 import pandas as pd
 import pytest
-from conftest import PRESET, ROOT
+from conftest import FP32, PRESET, ROOT
 
 pytestmark = pytest.mark.slow
 COLS = ["cell_id", "completion", "n_new_tokens"]
@@ -17,7 +17,7 @@ COLS = ["cell_id", "completion", "n_new_tokens"]
 def torchrun(run_dir, port: int, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-         "run_experiment.py", PRESET, "data_parallel=true", f"run_dir={run_dir}", "progress=false"],
+         "run_experiment.py", PRESET, FP32, "data_parallel=true", f"run_dir={run_dir}", "progress=false"],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )  # fmt: skip
 
@@ -48,7 +48,10 @@ def test_out_of_memory_on_one_rank_backs_off_without_a_hang(direct, tmp_path):
     r = torchrun(run_dir, 29534, {"STEERSWEEP_FAULT_RANK": "1", "STEERSWEEP_FAULT_OOM_BATCH": "2"}, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     assert (r.stdout + r.stderr).count("out of memory with") == 2, r.stdout[-4000:]  # the back-off, on one rank
-    same_rows(run_dir, direct)
+    df = same_rows(run_dir, direct)
+    planned = df.groupby("batch_id").cell_id.transform("size")
+    cut = df[df.decode_rows < planned]  # the back-off is recorded on the rows it changed, and only there
+    assert len(cut) and set(cut.worker) == {"s0of1r1"}, df[["batch_id", "decode_rows", "worker"]]
 
 
 def test_a_failing_rank_makes_every_rank_exit_with_its_error(tmp_path):

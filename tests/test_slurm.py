@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import PRESET, ROOT
+from conftest import FP32, PRESET, ROOT
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 LOCAL = ["--partition=debug", "--gpus-per-node=0", "--mem=3G", "--cpus-per-task=2"]  # 2 threads: the cores
@@ -34,7 +34,7 @@ def cluster():
 def sbatch(tmp: Path, *args: str, wait: bool = True, sbatch_opts: tuple[str, ...] = ()) -> str:
     tmp.mkdir(parents=True, exist_ok=True)  # Slurm does not create the log's folder
     opts = [*LOCAL, f"--output={tmp}/slurm-%A_%a.out", *sbatch_opts] + (["--wait"] if wait else [])
-    r = sh("sbatch", "--parsable", *opts, "slurm/submit_phase1_large.sh", PRESET, *args, "progress=false",
+    r = sh("sbatch", "--parsable", *opts, "slurm/submit_phase1_large.sh", PRESET, FP32, *args, "progress=false",
            timeout=900, check=wait is False)  # fmt: skip
     return r.stdout.strip().split(";")[0]
 
@@ -126,7 +126,7 @@ def test_array_task_cancelled_then_array_resubmitted(cluster, direct, tmp_path):
 def test_hydra_submitit_launcher_shards(cluster, direct, tmp_path):
     """`-m` with the submitit Slurm launcher: two shard jobs via submitit, one merged table."""
     run_dir = tmp_path / "run"
-    sh(sys.executable, "run_experiment.py", "-m", "hydra/launcher=local_slurm", PRESET, f"run_dir={run_dir}",
+    sh(sys.executable, "run_experiment.py", "-m", "hydra/launcher=local_slurm", PRESET, FP32, f"run_dir={run_dir}",
        "shard_count=2", "shard_index=0,1", f"hydra.sweep.dir={tmp_path}/sweep", "progress=false",
        timeout=900)  # fmt: skip
     df = assert_same_table(run_dir, direct)
@@ -138,7 +138,7 @@ def test_multirun_sweep_runs_every_job_whole(cluster, direct, tmp_path):
     array variables as sharding and run half its grid. Each job must run its whole grid, into a
     folder of its own (default names differ by the config's hash), and merge it."""
     root = tmp_path / "results"
-    r = sh(sys.executable, "run_experiment.py", "-m", "hydra/launcher=local_slurm", PRESET, "prompts.limit=2,3",
+    r = sh(sys.executable, "run_experiment.py", "-m", "hydra/launcher=local_slurm", PRESET, FP32, "prompts.limit=2,3",
            f"results_root={root}", f"hydra.sweep.dir={tmp_path}/sweep", "progress=false", timeout=900)  # fmt: skip
     folders = sorted(root.glob("phase1_small-*"))
     assert len(folders) == 2, (folders, r.stderr[-2000:])
@@ -188,3 +188,17 @@ def test_plan_cpu_budget_below_mem_limit(cluster, tmp_path):
     assert float(m.group(1)) < 3
     # The local cluster runs task/none (no cgroups), so Slurm's own variable is the limit that applies.
     assert "job limit 3.00 GiB from SLURM_MEM_PER_NODE=3072 MB" in m.group(2), m.group(0)
+
+
+# --- one process per GPU (slurm/submit_per_gpu.sh; helper h4) ---------------------------------
+
+
+def test_per_gpu_tasks_are_workers_of_the_plan(cluster, direct, tmp_path):
+    """srun's tasks of one job (CPU tasks standing in for --gpus-per-task=1) are independent workers
+    of one plan: each makes its own half of the batches, and the merged table is the direct run's."""
+    run_dir = tmp_path / "run"
+    sh("sbatch", "--wait", "--partition=debug", "--gpus-per-task=0", "--ntasks-per-node=2", "--cpus-per-task=1",
+       "--mem=6G", f"--output={tmp_path}/slurm-%j.out", "slurm/submit_per_gpu.sh", PRESET, FP32, f"run_dir={run_dir}",
+       "progress=false", timeout=900)  # fmt: skip
+    df = assert_same_table(run_dir, direct)
+    assert df.worker.value_counts().to_dict() == {"s0of1r0": 24, "s0of1r1": 24}

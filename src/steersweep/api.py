@@ -508,6 +508,7 @@ def compute_vectors(
     chat_template: bool = False,
     batch_size: int = 16,
     layers_path: str | None = None,
+    method: str = "mean_diff",
 ) -> VectorSet:
     """Steering vectors by contrastive activation addition (mean positive - mean negative).
 
@@ -522,6 +523,7 @@ def compute_vectors(
         chat_template: wrap each example in the tokenizer's chat template.
         batch_size: examples per forward pass.
         layers_path: dotted path to the decoder layers if auto-detection fails.
+        method: mean_diff | pca_diff | pca_center | logistic (as `vectors.method`).
 
     Returns:
         A `VectorSet` (`.vectors[layer]`, `.norm(layer)`, `.resid_norms`); save it with
@@ -533,7 +535,7 @@ def compute_vectors(
     name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
     return compute_caa(
         model, tokenizer, _pairs(pairs), layer_list, concept, position, batch_size, chat_template, layers_path, name,
-        read_at,
+        read_at, method,
     )  # fmt: skip
 
 
@@ -580,6 +582,7 @@ def steer(
     max_new_tokens: int = 32,
     *,
     positions: str = "all",
+    mode: str = "add",
     chat_template: str = "auto",
     system_prompt: str | None = None,
     do_sample: bool = False,
@@ -600,7 +603,8 @@ def steer(
         layer, alpha: one for every row, or one per prompt; alpha 0 is the unsteered model.
         vectors: a `VectorSet`, `{layer: tensor}`, or one tensor used at any layer.
         max_new_tokens: tokens generated per completion.
-        positions: "all" (every position) or "generated" (last prompt token onward).
+        positions: all | prompt | generated (last prompt token onward) | from:K (as `steering.positions`).
+        mode: add | ablate | ablate_add | norm_preserving (as `steering.mode`).
         chat_template: auto | on | off (as `generation.chat_template`).
         system_prompt: system message for the chat template.
         do_sample, temperature, top_p, seed: sampling; each row's seed derives from `seed` and its
@@ -620,8 +624,7 @@ def steer(
     rows = [prompts] if isinstance(prompts, str) else list(prompts)
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens} must be > 0")
-    if positions not in ("all", "generated"):
-        raise ConfigError(f"positions={positions}: use all or generated")
+    _check_steering(positions, mode)
     if chat_template not in ("auto", "on", "off"):
         raise ConfigError(f"chat_template={chat_template}: use auto, on or off")
     if not rows:
@@ -646,7 +649,7 @@ def steer(
     out: list[str] = []
     for s in range(0, len(rows), max(1, batch_size)):
         part = generate_rows(
-            model, tokenizer, ids[s : s + batch_size], steering[s : s + batch_size], gen,
+            model, tokenizer, ids[s : s + batch_size], [(*r, mode) for r in steering[s : s + batch_size]], gen,
             seeds[s : s + batch_size] if seeds else None, positions, layers_path,
         )  # fmt: skip
         out += [c.text for c in part]
@@ -665,6 +668,7 @@ def behavior_prob(
     limit: int | None = None,
     chat_template: str = "auto",
     positions: str = "all",
+    mode: str = "add",
     length_normalize: bool = False,
     batch_size: int = 32,
     layers_path: str | None = None,
@@ -683,7 +687,8 @@ def behavior_prob(
         fmt: continuation | ab (as `eval.behavior_format`).
         limit: score only the first `limit` items (as `eval.behavior_limit`).
         chat_template: auto | on | off; A/B items go in the chat template when it is used.
-        positions: "all" or "generated" (the context's last token and the answer).
+        positions: all | prompt (the context) | generated (the context's last token and the answer) | from:K.
+        mode: add | ablate | ablate_add | norm_preserving (as `steering.mode`).
         length_normalize: compare mean (not total) log-probability per answer token.
         batch_size: sequences per forward pass.
         layers_path: dotted path to the decoder layers if auto-detection fails.
@@ -706,8 +711,22 @@ def behavior_prob(
     if not rows:
         raise ConfigError("no behaviour items to score")
     enc = M.encode_behavior_items(tokenizer, rows, fmt, use_chat_template(tokenizer, chat_template))
-    setting = _settings(model, 1, layer, alpha, vectors, layers_path)
+    _check_steering(positions, mode)
+    setting = [(*r, mode) for r in _settings(model, 1, layer, alpha, vectors, layers_path)]
     (mean, _sem) = M.behavior_probs(
         model, enc, setting, M.pad_id_of(tokenizer), batch_size, layers_path, positions, length_normalize
     )[0]
     return mean
+
+
+def _check_steering(positions: str, mode: str) -> None:
+    """One line saying what to use, before any forward (the grammar lives in hooks)."""
+    from .hooks import MODES, POSITIONS_HELP, parse_positions
+    from .validate import ConfigError
+
+    try:
+        parse_positions(positions)
+    except ValueError:
+        raise ConfigError(f"positions={positions}: {POSITIONS_HELP}") from None
+    if mode not in MODES:
+        raise ConfigError(f"mode={mode}: use one of {', '.join(MODES)}")

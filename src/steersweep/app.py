@@ -26,12 +26,17 @@ USER_ERRORS = (
 
 
 def plan(cfg: DictConfig) -> list:
-    """Print the device map the memory budget gives on each `memory.plan_hardware` shape."""
+    """Print, per `memory.plan_hardware` shape, the device map the budget gives, each device's
+    headroom after its weights, and the rows of the sweep's length that headroom holds."""
     validate_static(cfg)
     hf = validate_model(cfg, need_checkpoint=False)
     dtype = torch_dtype(cfg.model.dtype) if cfg.model.dtype != "auto" else torch.bfloat16
     plans = []
-    print(f"model {cfg.model.name}: {hf.num_hidden_layers} layers, hidden size {hf.hidden_size}, {cfg.model.dtype}")
+    quant = cfg.model.quantization
+    print(
+        f"model {cfg.model.name}: {hf.num_hidden_layers} layers, hidden size {hf.hidden_size}, {cfg.model.dtype}"
+        + (f", {quant} quantized (bitsandbytes)" if quant else "")
+    )
     print(f"budget: {cfg.memory.gpu_fraction:.0%} of each GPU, CPU spill {cfg.memory.cpu}")
     from .loading import fmt_bytes
     from .runtime import cpu_budget
@@ -40,6 +45,12 @@ def plan(cfg: DictConfig) -> list:
     # limit that set it (a Slurm --mem or cgroup limit the node's RAM figure does not show).
     cpu_here, cpu_why = cpu_budget(str(cfg.memory.cpu))
     print(f"CPU budget here: {fmt_bytes(cpu_here)} ({cpu_why})")
+    prompt_len, how = prompt_tokens(cfg)
+    seq_len = prompt_len + int(cfg.generation.max_new_tokens)
+    print(
+        f"rows sized for {seq_len} tokens: longest prompt {prompt_len} ({how}) + max_new_tokens "
+        f"{cfg.generation.max_new_tokens}; headroom = device memory - weights, 90% of it for rows"
+    )
     for spec in cfg.memory.plan_hardware:
         gpus, cpu = parse_hardware(spec)
         budget = max_memory(cfg.memory, gpus)
@@ -47,10 +58,48 @@ def plan(cfg: DictConfig) -> list:
             budget["cpu"] = cpu
         elif "cpu" in budget:
             budget.pop("cpu")  # stated hardware without a CPU part: GPUs only
-        p = plan_device_map(hf, budget, dtype, spec, cfg.model.device_map, cfg.model.trust_remote_code)
+        totals = {**dict(enumerate(gpus)), **({"cpu": budget["cpu"]} if "cpu" in budget else {})}
+        p = plan_device_map(
+            hf, budget, dtype, spec, cfg.model.device_map, cfg.model.trust_remote_code, quant, seq_len, totals
+        )
         print(p.render())
+        if "disk" in p.bytes_per_device and not cfg.memory.disk_offload:
+            print("  does NOT load as configured: weights left over for disk, and memory.disk_offload=false")
+        weights = sum(p.bytes_per_device.values())
+        if len(gpus) > 1 and weights <= budget.get(0, 0):
+            print(
+                f"  a replica ({fmt_bytes(weights)}) fits on one GPU: {len(gpus)} at once, one process per GPU: "
+                f"sbatch --ntasks-per-node={len(gpus)} slurm/submit_per_gpu.sh model={cfg.model.name}"
+            )
         plans.append(p)
     return plans
+
+
+def prompt_tokens(cfg: DictConfig) -> tuple[int, str]:
+    """Tokens of the longest prompt as the run encodes it (the checkpoint's tokenizer when it is on
+    this machine), else an estimate of 1 token per 3 characters plus 64 for a chat template."""
+    from pathlib import Path as P
+
+    from . import data
+    from .loading import resolve_model_path
+
+    texts = [p["prompt"] for p in data.load_prompts(cfg.prompts.dataset, cfg.prompts.limit)]
+    path = cfg.model.path
+    if path is None:
+        from .embedded import DEFAULT_MODEL_DIR, STAMP
+
+        path = str(DEFAULT_MODEL_DIR) if (DEFAULT_MODEL_DIR / STAMP).exists() else None
+    if path and P(path).expanduser().is_dir():
+        try:
+            from transformers import AutoTokenizer
+
+            from .encoding import encode_prompts
+
+            tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model) if cfg.model.path is None else path)
+            return max(len(ids) for ids in encode_prompts(tok, texts, cfg.generation)), "its tokenizer"
+        except Exception as e:  # no usable tokenizer here: estimate instead
+            log.debug("estimating prompt lengths: cannot read the tokenizer in %s (%s)", path, e)
+    return max(len(t) for t in texts) // 3 + 64, "estimate: characters / 3 + 64"
 
 
 def set_threads() -> None:

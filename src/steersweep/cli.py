@@ -15,13 +15,40 @@ from pathlib import Path
 MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
+def _list_hint(cause: Exception) -> str | None:
+    """`steering.layers=12.5` or `=[12.5]`: say what to write (`steering.layers=[12]`), not the keys."""
+    import typing
+
+    from omegaconf.errors import ValidationError
+
+    key, value, owner = str(getattr(cause, "full_key", "")), getattr(cause, "value", None), cause.object_type
+    if not isinstance(cause, ValidationError) or isinstance(value, (list, dict)) or value is None:
+        return None
+    if is_dataclass(owner) and "is not a ListConfig" in str(cause):  # a scalar where a list goes
+        elem = typing.get_args(typing.get_type_hints(owner).get(cause.key))
+    elif owner is list and key.endswith("]"):  # one element of the wrong type
+        elem = typing.get_args(cause.ref_type)
+        key = key[: key.rindex("[")]
+    else:
+        return None
+    if elem == (int,) and isinstance(value, float) and value.is_integer() is False:
+        return f"{key} takes whole numbers, not {value!r}: write {key}=[{int(value)}]"
+    if elem in ((int,), (float,)) and isinstance(value, (int, float)):
+        return f"{key} takes a list: write {key}=[{value!r}]"
+    kind = {(int,): "whole numbers", (float,): "numbers"}.get(elem, "a list")
+    return f"{key} takes {kind}, not {value!r}: write e.g. {key}=[{'12' if elem == (int,) else '0,2'}]"
+
+
 def compose_error(e: Exception) -> str:
     lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
     msg = lines[0] if lines else type(e).__name__
     if e.__cause__ is not None:
+        hint = _list_hint(e.__cause__)
+        if hint is not None:
+            return f"{msg.removeprefix('Error merging override ')}: {hint}"
         msg += " " + str(e.__cause__).strip().splitlines()[0]
         typ = getattr(e.__cause__, "object_type", None)
-        if is_dataclass(typ):
+        if is_dataclass(typ) and "not in" in str(e.__cause__):  # a misspelt key, not a wrong value
             msg += f"; valid keys: {', '.join(f.name for f in fields(typ))}"
     elif any(x.startswith("Available options") for x in lines):  # a group option that does not exist
         i = next(i for i, x in enumerate(lines) if x.startswith("Available options"))

@@ -49,7 +49,10 @@ class MemoryConfig:
 class SteeringConfig:
     layers: list[int] = field(default_factory=lambda: [10])  # decoder layers whose output is steered
     alphas: list[float] = field(default_factory=lambda: [0.0, 4.0])  # coefficients on the vector
-    positions: str = "all"  # all = every position; generated = last prompt token onward
+    positions: str = "all"  # all | prompt (prompt only) | generated (last prompt token on) | from:K (token K on)
+    # add: h + alpha v | ablate: h - (h.u)u, u = v/|v| (alpha only switches it on) | ablate_add: ablate,
+    # then + alpha v | norm_preserving: h + alpha v rescaled to |h|. alpha 0 is the unsteered model in every mode.
+    mode: str = "add"
     samples: int = 1  # completions per (layer, alpha, prompt); > 1 needs generation.do_sample
 
 
@@ -61,6 +64,10 @@ class VectorsConfig:
     concept: str = "sentiment"  # name recorded in vector ids and results
     position: int = -1  # token index whose residual is averaged (-1 = last token)
     read_at: str = "last"  # last (token `position`) | answer (the A/B answer letter; a text's last token) | answer_mean
+    # mean_diff (CAA) | pca_diff (1st PC of pair differences) | pca_center (1st PC around each pair's centre,
+    # as repeng) | logistic (probe weight); all but mean_diff are scaled to the mean difference's norm
+    method: str = "mean_diff"
+    logistic_c: float = 1.0  # inverse L2 strength of the logistic probe (scikit-learn's C)
     chat_template: bool = False  # wrap examples in the chat template before reading activations
     normalize: bool = False  # rescale every vector to unit norm (alphas are then absolute norms)
     batch_size: int = 16  # examples per forward pass while computing
@@ -99,7 +106,7 @@ class JudgeConfig:
 @dataclass
 class EvalConfig:
     metrics: list[str] = field(  # metrics computed per row while the model is loaded
-        default_factory=lambda: ["word_rate", "distinct", "perplexity", "behavior_prob"]
+        default_factory=lambda: ["word_rate", "distinct", "perplexity", "behavior_prob", "next_token_kl"]
     )
     word_lists: str = "sentiment_words"  # JSON {"positive": [...], "negative": [...]}
     behavior_dataset: str = "sentiment_continuations"  # two-choice items for behavior_prob
@@ -139,7 +146,8 @@ class Config:
     shard_index: int | None = None  # this job's shard (0-based) when shard_count is a number
     shard_count: Any = None  # null = no sharding; N = N shards; auto = the Slurm array (sbatch --array)
     data_parallel: bool = False  # under torchrun: one replica per process, rank 0 writes
-    progress: bool = True  # progress bar over cells
+    progress: bool = True  # progress in tokens: a bar on a terminal, a log line every progress_every_s otherwise
+    progress_every_s: float = 30.0  # seconds between progress lines when stderr is not a terminal (Slurm logs)
 
 
 TASKS = ("run", "plan", "status", "vectors", "merge", "report")

@@ -6,6 +6,8 @@ Format: GGUF with `general.architecture = "controlvector"`, `controlvector.model
 `direction.k` to the output of decoder block k (0-based) and never steers block 0, so
 `direction.k` here means exactly our layer k, and layer 0 cannot be exported.
 (repeng numbers its exports by hidden-state index, one higher; import such files with care.)
+Our exports also carry `steersweep.concept`, `steersweep.resid_norms` (JSON) and `steersweep.meta`
+(JSON), which llama.cpp ignores: importing one back gives the same concept, vector ids and alpha_rel.
 
     python -m steersweep.exchange export vectors.safetensors out.gguf
     python -m steersweep.exchange import in.gguf vectors.safetensors
@@ -13,6 +15,7 @@ Format: GGUF with `general.architecture = "controlvector"`, `controlvector.model
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -22,23 +25,48 @@ import torch
 from .vectors import GGUF_ARCH as ARCH
 
 
-def write_control_vector(vectors: dict[int, torch.Tensor], path: str | Path, model_hint: str = "") -> Path:
-    """Write {layer: vector} as a llama.cpp control-vector GGUF (float32, exact)."""
+def write_control_vector(
+    vectors: dict[int, torch.Tensor],
+    path: str | Path,
+    model_hint: str = "",
+    concept: str | None = None,
+    resid_norms: dict[int, float] | None = None,
+    meta: dict[str, str] | None = None,
+) -> Path:
+    """Write {layer: vector} as a llama.cpp control-vector GGUF (float32, exact).
+
+    Args:
+        vectors: layer -> vector; layer 0 cannot be exported (llama.cpp never steers it).
+        path: the .gguf file to write (atomically).
+        model_hint: the model the vectors are for (`controlvector.model_hint`).
+        concept, resid_norms, meta: a VectorSet's concept, mean residual norms per layer and
+            metadata, kept under `steersweep.*` keys so `vectors.load` restores them.
+    """
     if 0 in vectors:
         raise ValueError("llama.cpp control vectors cannot steer layer 0: drop it before exporting")
     from .fileio import atomic_write_bytes
 
+    extra = {}
+    if concept:
+        extra["steersweep.concept"] = concept
+    if resid_norms:
+        extra["steersweep.resid_norms"] = json.dumps({str(k): float(v) for k, v in resid_norms.items()})
+    kept = {k: v for k, v in (meta or {}).items() if k not in ("format", "source_file", "concept")}
+    if kept:
+        extra["steersweep.meta"] = json.dumps(kept, sort_keys=True)
     path = Path(path)
-    atomic_write_bytes(path, lambda tmp: _write_gguf(vectors, tmp, model_hint))
+    atomic_write_bytes(path, lambda tmp: _write_gguf(vectors, tmp, model_hint, extra))
     return path
 
 
-def _write_gguf(vectors: dict[int, torch.Tensor], tmp: Path, model_hint: str) -> None:
+def _write_gguf(vectors: dict[int, torch.Tensor], tmp: Path, model_hint: str, extra: dict[str, str]) -> None:
     from gguf import GGUFWriter
 
     w = GGUFWriter(str(tmp), ARCH)
     w.add_string(f"{ARCH}.model_hint", model_hint or "unknown")
     w.add_uint32(f"{ARCH}.layer_count", len(vectors))
+    for key, value in extra.items():
+        w.add_string(key, value)
     for layer in sorted(vectors):
         w.add_tensor(f"direction.{layer}", vectors[layer].detach().float().cpu().numpy().astype(np.float32))
     w.write_header_to_file()
@@ -55,9 +83,9 @@ def main(argv: list[str]) -> None:
     op, src, dst = argv
     vs = load(src)
     if op == "export":
-        write_control_vector(vs.vectors, dst, vs.meta.get("model", ""))
+        write_control_vector(vs.vectors, dst, vs.meta.get("model", ""), vs.concept, vs.resid_norms, vs.meta)
     else:
-        save(VectorSet(vs.vectors, vs.concept, vs.meta), dst)
+        save(VectorSet(vs.vectors, vs.concept, vs.meta, vs.resid_norms), dst)
     print(f"wrote {dst} ({len(vs.vectors)} layers)")
 
 

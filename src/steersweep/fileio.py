@@ -36,10 +36,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask can only swap)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 def _write_tmp(path: Path, write: Callable[[Path], object]) -> Path:
     tmp = _tmp_name(path)
     try:
         write(tmp)
+        # every file follows the umask, as open() would make it: some writers (safetensors) make 0600
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
     except BaseException:

@@ -23,7 +23,7 @@ from transformers import (
 
 from .config import GenerationConfig
 from .encoding import encode_prompts  # noqa: F401 (moved to encoding; re-exported for callers)
-from .hooks import row_deltas, steer
+from .hooks import row_deltas, row_key, steer
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def generate_rows(
     layers_path: str | None = None,
     shared_prefill: bool = True,
     engine: str = "loop",
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int, int], None] | None = None,
 ) -> list[Completion]:
     """Generate a batch of rows in one decode, each steered by its own (layer, alpha, vector).
 
@@ -119,14 +119,14 @@ def generate_rows(
             batch and trims padding no live row needs; "generate": one transformers `generate`
             call (static batching: finished rows are decoded until the last row ends). Token-equal
             in float32 (tests/test_generation.py).
-        on_step: called after every decoding step with (tokens made, rows finished) in that step.
+        on_step: called after every decoding step with (tokens made, rows finished, step index).
 
     Identical rows are generated once: alpha 0 is the same unsteered completion whatever the
     layer, so a sweep over L layers would otherwise decode each greedy baseline L times.
     """
     keys = [
-        (tuple(p), None if a == 0 else (layer, float(a), id(v)), seeds[i] if gen.do_sample and seeds else None)
-        for i, (p, (layer, a, v)) in enumerate(zip(prompt_ids, steering, strict=True))
+        (tuple(p), row_key(st), seeds[i] if gen.do_sample and seeds else None)  # row_key: mode-aware
+        for i, (p, st) in enumerate(zip(prompt_ids, steering, strict=True))
     ]
     first: dict[tuple, int] = {}
     for i, k in enumerate(keys):
@@ -152,7 +152,7 @@ def generate_rows(
     cache = None
     if positions == "generated" and shared_prefill and input_ids.shape[1] > 1:
         cache = _shared_prefix_cache(model, prompt_ids, pad, device)
-    deltas = row_deltas(steering, positions)
+    deltas = row_deltas(steering, positions, [len(p) for p in prompt_ids])  # lengths: positions from:K
     with steer(model, deltas, layers_path):
         if engine == "generate":
             rows = _generate(model, input_ids.to(device), mask.to(device), gen, sampler, cache, pad, eos)
@@ -230,7 +230,7 @@ def _decode(model, input_ids, mask, gen, sampler, cache, pad, eos, deltas, on_st
             else:
                 tokens[live[b]].append(t)
         if on_step is not None:
-            on_step(len(live) - sum(stopped) + finished, finished)
+            on_step(len(live) - sum(stopped) + finished, finished, step)
         if all(stopped) or step + 1 == gen.max_new_tokens:
             break
         if sum(stopped) * 8 >= len(live):

@@ -1,10 +1,11 @@
 """Find a model's decoder layers and steer their outputs, row by row, inside a context manager.
 
-One `generate` call can carry rows with different layers, alphas and vectors: each row b gets
-`delta[b] = alpha_b * v_b` added to the output of its own layer only. The hook runs after
-accelerate's device hooks, so it sees the activation on the layer's execution device; the delta is
-cast to that device and dtype once and cached, which is what fixes the cuda:0 vs cuda:3 mismatch of
-field report 02 without giving up the KV cache.
+One `generate` call can carry rows with different layers, alphas, vectors and modes: each row b is
+steered at the output of its own layer only, by its own mode (`MODES`: add `alpha_b * v_b`, ablate
+the direction, ablate then add, add at constant norm), on the positions `steering.positions` names.
+The hook runs after accelerate's device hooks, so it sees the activation on the layer's execution
+device; the per-row tensors are cast to that device and dtype once and cached, which is what fixes
+the cuda:0 vs cuda:3 mismatch of field report 02 without giving up the KV cache.
 """
 
 from __future__ import annotations
@@ -66,45 +67,158 @@ def hook_name(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
-class RowDelta:
-    """Per-row additive delta for one layer: a [B, H] float32 matrix, cached per device and dtype."""
+# How a row's direction acts on the residual stream h at a steered position (u = v / |v|):
+#   add              h + alpha v
+#   ablate           h - (h.u) u            (directional ablation; alpha only switches it on: alpha 0 = unsteered)
+#   ablate_add       h - (h.u) u + alpha v
+#   norm_preserving  (h + alpha v) |h| / |h + alpha v|
+# In every mode alpha 0 is the unsteered model, so a sweep's baseline is one row whatever the mode.
+MODES = ("add", "ablate", "ablate_add", "norm_preserving")
+POSITIONS_HELP = "use all, prompt, generated or from:K (K >= 0: steer token K of the prompt onward)"
 
-    def __init__(self, delta: torch.Tensor, positions: str = "all"):
-        if positions not in ("all", "generated"):
-            raise ValueError(f"steering positions must be 'all' or 'generated', got {positions!r}")
+
+def parse_positions(spec: str) -> tuple[str, int]:
+    """`steering.positions` -> (kind, k): all | prompt | generated | from:K (k is K, else 0).
+
+    all: every position. prompt: the prompt's positions (the prefill), generated tokens run free.
+    generated: the last prompt position (whose output predicts the first new token) onward.
+    from:K: token K of the row's own sequence onward (0 = its first prompt token, padding excluded).
+    """
+    spec = str(spec).strip()
+    if spec in ("all", "prompt", "generated"):
+        return spec, 0
+    if spec.startswith("from:") and spec[5:].isdigit():
+        return "from", int(spec[5:])
+    raise ValueError(f"steering positions {spec!r}: {POSITIONS_HELP}")
+
+
+def row_mode(row: Sequence) -> str:
+    """The mode of a row spec (layer, alpha, vector[, mode]); 3-tuples add."""
+    return str(row[3]) if len(row) > 3 else "add"
+
+
+def row_key(row: Sequence) -> tuple | None:
+    """What makes two rows steer alike: None for alpha 0 (the unsteered model in every mode)."""
+    layer, alpha, vec = row[0], float(row[1]), row[2]
+    return None if alpha == 0 else (layer, alpha, id(vec), row_mode(row))
+
+
+class RowDelta:
+    """Per-row steering of one layer: [B, H] float32 tensors, cached per device and dtype.
+
+    Args:
+        delta: per-row `alpha * v` added after any ablation (zero for rows that add nothing).
+        positions: see `parse_positions`.
+        units: per-row unit direction projected out (zero rows: no ablation); None = no row ablates.
+        renorm: per-row flag: rescale the steered state to the norm it had before (norm_preserving).
+        lengths: per-row prompt length in tokens (needed by `from:K` only).
+    """
+
+    def __init__(
+        self,
+        delta: torch.Tensor,
+        positions: str = "all",
+        units: torch.Tensor | None = None,
+        renorm: torch.Tensor | None = None,
+        lengths: Sequence[int] | torch.Tensor | None = None,
+    ):
+        self.kind, self.k = parse_positions(positions)
+        if self.kind == "from" and lengths is None:
+            raise ValueError("steering positions from:K need each row's prompt length (lengths=...)")
         self.delta = delta.float()
         self.positions = positions
+        self.units = None if units is None else units.float()
+        self.renorm = None if renorm is None or not bool(renorm.any()) else renorm.bool().reshape(-1, 1)
+        self.lengths = None if lengths is None else torch.as_tensor(lengths, dtype=torch.long)
+        self.adds = bool(self.delta.any())
         self.rows = int(delta.shape[0])
-        self._cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._cache: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
         self.calls = 0
+        self.decoded = 0  # positions seen after the prefill (from:K counts on from the prompt's end)
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        s = {"delta": self.delta}
+        if self.units is not None:
+            s["units"] = self.units
+        if self.renorm is not None:
+            s["renorm"] = self.renorm
+        return s
+
+    def _on(self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or like.dtype
+        key = (name, like.device, dtype)
+        if key not in self._cache:
+            self._cache[key] = self._state()[name].to(device=like.device, dtype=dtype)[:, None, :]
+        return self._cache[key]
 
     def on(self, like: torch.Tensor) -> torch.Tensor:
-        key = (like.device, like.dtype)
-        if key not in self._cache:
-            self._cache[key] = self.delta.to(device=like.device, dtype=like.dtype)[:, None, :]
-        return self._cache[key]
+        """The [B, 1, H] additive delta on `like`'s device and dtype."""
+        return self._on("delta", like)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only batch rows `rows` (indices into the current batch, in that order).
 
         The decode loop drops finished rows from the batch; every per-row state follows.
         """
-        self.delta = self.delta[rows.cpu()]
+        cpu = rows.cpu()
+        self.delta = self.delta[cpu]
+        self.units = None if self.units is None else self.units[cpu]
+        self.renorm = None if self.renorm is None else self.renorm[cpu]
+        self.lengths = None if self.lengths is None else self.lengths[cpu]
         self.rows = int(self.delta.shape[0])
         self._cache = {k: v[rows.to(v.device)] for k, v in self._cache.items()}
 
+    def steered(self, h: torch.Tensor) -> torch.Tensor:
+        """Every position of `h` [B, T, H] steered by its row's mode (positions are `mask`'s job)."""
+        out = h
+        if self.units is not None:  # projection and norms in float32: bf16 sums lose the small part
+            u = self._on("units", h, torch.float32)
+            hf = h.float()
+            out = (hf - (hf * u).sum(-1, keepdim=True) * u).to(h.dtype)
+        if self.adds:
+            out = out + self.on(h)
+        if self.renorm is not None:
+            r = self._on("renorm", h, torch.bool)
+            of = out.float()
+            scale = h.float().norm(dim=-1, keepdim=True) / of.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+            out = torch.where(r, (of * scale).to(h.dtype), out)
+        return out
+
+    def mask(self, h: torch.Tensor) -> torch.Tensor | None:
+        """[B, T] bool of the positions steered in this call; None = all of them.
+
+        Call 1 is the prefill (its last column is each prompt's last token, also when a shared
+        prefix cache makes it one column wide); every later call holds generated positions.
+        """
+        n = h.shape[1]
+        prefill = self.calls == 1
+        if self.kind == "all":
+            return None
+        if self.kind == "prompt":
+            return None if prefill else torch.zeros(h.shape[:2], dtype=torch.bool)
+        if self.kind == "generated":
+            if prefill and n > 1:  # the prompt's own positions stay as the unsteered model computed them
+                m = torch.zeros(h.shape[:2], dtype=torch.bool)
+                m[:, -1] = True
+                return m
+            return None
+        cols = torch.arange(n)[None, :]
+        lengths = self.lengths[:, None]
+        index = lengths - n + cols if prefill else lengths + self.decoded + cols  # token index in the row
+        if not prefill:
+            self.decoded += n
+        return index >= self.k
+
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        d = self.on(h)
-        if h.shape[0] != d.shape[0]:
-            raise RuntimeError(f"steering hook got a batch of {h.shape[0]} rows but was built for {d.shape[0]}")
-        if self.positions == "generated" and self.calls == 1 and h.shape[1] > 1:
-            # Prefill: steer only the last prompt position, whose output predicts the first new
-            # token; the prompt's own positions stay as the unsteered model computed them.
-            out = h.clone()
-            out[:, -1:, :] += d
-            return out
-        return h + d
+        if h.shape[0] != self.rows:
+            raise RuntimeError(f"steering hook got a batch of {h.shape[0]} rows but was built for {self.rows}")
+        m = self.mask(h)
+        if m is None:
+            return self.steered(h)
+        if not bool(m.any()):
+            return h
+        return torch.where(m.to(h.device)[:, :, None], self.steered(h), h)
 
 
 def _steer_hook(rd: RowDelta):
@@ -121,23 +235,42 @@ def _steer_hook(rd: RowDelta):
     return hook
 
 
-def row_deltas(rows: Sequence[tuple[int, float, torch.Tensor]], positions: str = "all") -> dict[int, RowDelta]:
-    """Group batch rows by layer: row b = (layer, alpha, vector) -> {layer: RowDelta([B, H])}.
+def row_deltas(
+    rows: Sequence[tuple], positions: str = "all", lengths: Sequence[int] | None = None
+) -> dict[int, RowDelta]:
+    """Group batch rows by layer: row b = (layer, alpha, vector[, mode]) -> {layer: RowDelta([B, H])}.
 
-    Rows on other layers get a zero delta for that layer, so they pass through unchanged
-    (h + 0 == h exactly). Rows with alpha 0 add nothing anywhere.
+    Rows on other layers get zero deltas and directions for that layer, so they pass through
+    unchanged (h - (h.0)0 + 0 == h exactly). Rows with alpha 0 are unsteered in every mode.
+
+    Args:
+        rows: per batch row (layer, alpha, vector) or (layer, alpha, vector, mode); see `MODES`.
+        positions: see `parse_positions`.
+        lengths: per-row prompt lengths (for positions from:K).
     """
     if not rows:
         return {}
     width = int(rows[0][2].numel())
-    out: dict[int, torch.Tensor] = {}
-    for b, (layer, alpha, vec) in enumerate(rows):
+    n = len(rows)
+    parts: dict[int, dict[str, torch.Tensor]] = {}
+    for b, row in enumerate(rows):
+        layer, alpha, vec, mode = row[0], float(row[1]), row[2], row_mode(row)
+        if mode not in MODES:
+            raise ValueError(f"steering mode {mode!r}: use one of {', '.join(MODES)}")
         if alpha == 0:
             continue
-        if layer not in out:
-            out[layer] = torch.zeros(len(rows), width, dtype=torch.float32)
-        out[layer][b] = float(alpha) * vec.detach().float().cpu().reshape(-1)
-    return {layer: RowDelta(d, positions) for layer, d in out.items()}
+        p = parts.setdefault(layer, {})
+        v = vec.detach().float().cpu().reshape(-1)
+        if mode in ("add", "ablate_add", "norm_preserving"):
+            p.setdefault("delta", torch.zeros(n, width))[b] = alpha * v
+        if mode in ("ablate", "ablate_add"):
+            p.setdefault("units", torch.zeros(n, width))[b] = v / v.norm().clamp_min(1e-30)
+        if mode == "norm_preserving":
+            p.setdefault("renorm", torch.zeros(n, dtype=torch.bool))[b] = True
+    return {
+        layer: RowDelta(p.get("delta", torch.zeros(n, width)), positions, p.get("units"), p.get("renorm"), lengths)
+        for layer, p in parts.items()
+    }
 
 
 @contextlib.contextmanager

@@ -41,9 +41,14 @@ class Judge:
     def _encode(self, prompt: str, completion: str) -> list[int]:
         return list(encode(self.tok, self._source(prompt, completion)).ids)
 
-    @torch.inference_mode()
     def score(self, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 16) -> list[float]:
-        """Expected rating (1-9) of each completion."""
+        """Expected rating (1-9) of each completion; out of memory halves the batch and starts over."""
+        from .memory import with_backoff
+
+        return with_backoff(lambda bs: self._score(prompts, completions, bs), batch_size, "judge")
+
+    @torch.inference_mode()
+    def _score(self, prompts: Sequence[str], completions: Sequence[str], batch_size: int) -> list[float]:
         pad = pad_id_of(self.tok)
         device = self.model.get_input_embeddings().weight.device
         out: list[float] = []

@@ -1,13 +1,21 @@
 """Memory: rows one generate call can hold, and out-of-memory back-off.
 
 Kept apart from generation so the decode loop and the memory planning can change independently.
+
+Rows per call are planned per device: each device holds the KV cache of the decoder layers that
+*run* there, plus the activations of the layers it runs, plus the logits where the LM head runs.
+accelerate runs layers placed on the CPU (or disk) on the main GPU, the first GPU of the map, so
+their KV cache lives there, not in CPU RAM (`accelerate.big_modeling.dispatch_model`). The batch is
+the minimum over devices of (free bytes there // bytes one row costs there): `rows_on_devices` is
+that, a pure function; `rows_that_fit` reads the live figures of a loaded model and calls it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -15,51 +23,252 @@ from .faults import fault_point
 
 log = logging.getLogger(__name__)
 
+HEADROOM_USE = 0.9  # share of a GPU's free memory given to rows: the rest absorbs allocator fragmentation
 
-def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
-    """KV-cache bytes one token costs across all layers (keys + values)."""
+
+def kv_bytes_per_layer_token(config, dtype_bytes: int = 2) -> int:
+    """KV-cache bytes one token costs in one decoder layer (keys + values)."""
     heads = getattr(config, "num_attention_heads", 1)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+    return 2 * kv_heads * head_dim * dtype_bytes
+
+
+def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
+    """KV-cache bytes one token costs across all layers (keys + values)."""
+    return config.num_hidden_layers * kv_bytes_per_layer_token(config, dtype_bytes)
+
+
+def activation_bytes(config, seq_len: int, dtype_bytes: int = 2) -> int:
+    """Transient bytes of one row in one layer at prefill: a few hidden-size and MLP-width buffers
+    per token (only one layer runs at a time, so a device running any layer needs this once)."""
+    inter = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
+    return seq_len * (4 * config.hidden_size + 2 * inter) * dtype_bytes
+
+
+def logits_bytes(config) -> int:
+    """One row's logits per step (generate keeps the last position only), float32, plus a copy."""
+    return 2 * config.vocab_size * 4
 
 
 def row_bytes(config, seq_len: int, dtype_bytes: int = 2) -> int:
-    """Memory one batch row needs during generation: its KV cache plus prefill activations.
+    """Memory one batch row needs during generation on a single device holding the whole model."""
+    return (
+        kv_bytes_per_token(config, dtype_bytes) * seq_len
+        + activation_bytes(config, seq_len, dtype_bytes)
+        + logits_bytes(config)
+    )
 
-    Activations at prefill: a few hidden-size and MLP-width buffers per token, plus one row of
-    float32 logits per step (generate keeps only the last position's logits).
+
+# ---------------------------------------------------------------------------------------------
+# Where layers run
+
+
+def device_key(d) -> str:
+    """One spelling per device: 0 / "0" / "cuda" / torch.device("cuda", 0) -> "cuda:0"; "cpu", "disk"."""
+    if isinstance(d, torch.device):
+        return f"{d.type}:{d.index or 0}" if d.type == "cuda" else str(d)
+    s = str(d)
+    if s.isdigit():
+        return f"cuda:{s}"
+    return "cuda:0" if s == "cuda" else s
+
+
+@dataclass(frozen=True)
+class Share:
+    """What runs on one device: decoder layers (their KV cache lives there) and the LM head."""
+
+    layers: int = 0
+    head: bool = False
+
+
+def placed_on(device_map: Mapping[str, object], name: str):
+    """The device a module is placed on: that of the longest key of `device_map` that is the module
+    or a parent of it (how accelerate reads a map; "" is the whole model)."""
+    key = max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len, default=None)
+    if key is None:
+        raise ValueError(f"module {name!r} is not in the device map (keys: {list(device_map)[:5]}...)")
+    return device_map[key]
+
+
+def execution_shares(device_map: Mapping[str, object], layer_names: Sequence[str], head_name: str) -> dict[str, Share]:
+    """Per execution device, the layers and head that run there.
+
+    Each module is placed as `placed_on` says. Modules placed on "cpu" or "disk" run on
+    the main device (the lowest-numbered GPU in the map) when there is one, as accelerate's
+    dispatch does: their weights are copied there per forward, and their KV cache is made there.
     """
-    inter = getattr(config, "intermediate_size", 4 * config.hidden_size)
-    act = seq_len * (4 * config.hidden_size + 2 * inter) * dtype_bytes
-    logits = 2 * config.vocab_size * 4
-    return kv_bytes_per_token(config, dtype_bytes) * seq_len + act + logits
+    cuda = sorted((d for d in map(device_key, device_map.values()) if d.startswith("cuda:")), key=lambda d: int(d[5:]))
+    others = sorted({device_key(v) for v in device_map.values()} - {"cpu", "disk", "meta", *cuda})
+    main = (cuda or others or ["cpu"])[0]
+
+    def runs_on(name: str) -> str:
+        d = device_key(placed_on(device_map, name))
+        return main if d in ("cpu", "disk") else d
+
+    layers: dict[str, int] = {}
+    for n in layer_names:
+        d = runs_on(n)
+        layers[d] = layers.get(d, 0) + 1
+    head = runs_on(head_name)
+    return {d: Share(layers.get(d, 0), d == head) for d in sorted(set(layers) | {head})}
 
 
-def free_bytes(model) -> int:
-    """Memory left for generation on the tightest device the model uses."""
-    devices = {p.device for p in model.parameters()}
-    free = []
+def row_bytes_on(config, share: Share, seq_len: int, dtype_bytes: int = 2) -> int:
+    """Bytes one row costs on a device: KV of its layers, activations if it runs any, logits if the head."""
+    b = share.layers * kv_bytes_per_layer_token(config, dtype_bytes) * seq_len
+    if share.layers or share.head:
+        b += activation_bytes(config, seq_len, dtype_bytes)
+    if share.head:
+        b += logits_bytes(config)
+    return b
+
+
+def rows_on_devices(
+    config, shares: Mapping[str, Share], free: Mapping[str, int], dtype_bytes: int, seq_len: int
+) -> dict[str, int]:
+    """Rows each execution device can hold at `seq_len` tokens: its free bytes // its bytes per row.
+
+    A pure function: `free` is the memory each device can give to rows (after its weights); a
+    device missing from `free` counts as having nothing free.
+    """
+    out = {}
+    for d, share in shares.items():
+        per_row = row_bytes_on(config, share, seq_len, dtype_bytes)
+        if per_row:
+            out[d] = max(0, int(free.get(d, 0))) // per_row
+    return out
+
+
+def rows_for_map(
+    config,
+    device_map: Mapping[str, object],
+    layer_names: Sequence[str],
+    head_name: str,
+    free: Mapping[str, int],
+    dtype_bytes: int,
+    seq_len: int,
+    cap: int,
+) -> int:
+    """Rows per generate call: the minimum over execution devices, at least 1, at most `cap`."""
+    per_dev = rows_on_devices(config, execution_shares(device_map, layer_names, head_name), free, dtype_bytes, seq_len)
+    return max(1, min([cap, *per_dev.values()]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Live figures of a loaded model
+
+
+def module_names(model, layers_path: str | None = None) -> tuple[list[str], str]:
+    """(names of the decoder layers, name of the LM head) in `model.named_modules()` terms."""
+    from .hooks import get_layers
+
+    ids = {id(m): n for n, m in model.named_modules()}
+    layers = [ids[id(block)] for block in get_layers(model, layers_path)]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return layers, ids.get(id(head), "") if head is not None else ""
+
+
+def device_map_of(model) -> dict[str, object]:
+    """The model's accelerate device map, or its one device for a model loaded without one."""
+    dmap = getattr(model, "hf_device_map", None)
+    if dmap:
+        return dict(dmap)
+    return {"": next(model.parameters()).device}
+
+
+def free_on(devices: Sequence[str]) -> dict[str, int]:
+    """Bytes each device can give to rows now: 90% of a GPU's free memory (the allocator's cached
+    blocks included); on the CPU, `runtime.cpu_budget("auto")`, i.e. the job's memory limit less
+    this process's RSS (or the available RAM), not the node's RAM."""
+    from .runtime import cpu_budget
+
+    out = {}
     for d in devices:
-        if d.type == "cuda":
-            f, _ = torch.cuda.mem_get_info(d)
-            free.append(int(f * 0.9))
-    if not free:
-        from .runtime import available_ram
+        if d.startswith("cuda:"):
+            i = int(d.split(":")[1])
+            f, _ = torch.cuda.mem_get_info(i)
+            f += torch.cuda.memory_reserved(i) - torch.cuda.memory_allocated(i)
+            out[d] = int(f * HEADROOM_USE)
+        elif d == "cpu":
+            out[d] = cpu_budget("auto")[0]
+    return out
 
-        free.append(int(available_ram() * 0.5))
-    return min(free)
+
+def rows_that_fit(model, seq_len: int, cap: int, layers_path: str | None = None) -> int:
+    """Rows per generate call that each device's free memory holds at this sequence length (at most `cap`)."""
+    from .hooks import LayerLookupError
+
+    # the compute dtype (a 4-bit model's embeddings keep it): the KV cache and activations are in it
+    dtype_bytes = next(p for p in model.parameters() if p.is_floating_point()).element_size()
+    dmap = device_map_of(model)
+    try:
+        layers, head = module_names(model, layers_path)
+        shares = execution_shares(dmap, layers, head)
+    except (LayerLookupError, ValueError) as e:  # layers not found: charge every device the whole model's rows
+        log.info("sizing rows as if every device held every layer (%s)", e)
+        devices = {device_key(d) for d in dmap.values()} - {"disk", "meta"}
+        shares = {d: Share(model.config.num_hidden_layers, True) for d in devices or {"cpu"}}
+    per_dev = rows_on_devices(model.config, shares, free_on(list(shares)), dtype_bytes, seq_len)
+    log.info("rows that fit at %d tokens, per device: %s", seq_len, per_dev)
+    return max(1, min([cap, *per_dev.values()]))
 
 
-def rows_that_fit(model, seq_len: int, cap: int) -> int:
-    """Rows per generate call that the free memory holds at this sequence length (at most `cap`)."""
-    dtype_bytes = next(model.parameters()).element_size()
-    per_row = row_bytes(model.config, seq_len, dtype_bytes)
-    return max(1, min(cap, free_bytes(model) // max(per_row, 1)))
+# ---------------------------------------------------------------------------------------------
+# Out-of-memory back-off
 
 
 def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+    """Out of memory on any device: accelerate's test (CUDA, XPU, MPS, CPU allocator, cuDNN), plus
+    torch's OutOfMemoryError type and cuBLAS failing to allocate its workspace, which it misses."""
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    return (
+        isinstance(e, torch.cuda.OutOfMemoryError)
+        or (isinstance(e, Exception) and should_reduce_batch_size(e))
+        or "CUBLAS_STATUS_ALLOC_FAILED" in str(e)
+    )
+
+
+def _clear_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def with_backoff(fn: Callable[[int], object], batch_size: int, what: str):
+    """`fn(batch_size)`, retried with half the batch size on out-of-memory, down to 1.
+
+    accelerate's `find_executable_batch_size` drives the retries (it clears the device cache between
+    tries); the errors it does not recognise but `is_oom` does are re-raised in its words.
+    """
+    from accelerate.utils import find_executable_batch_size
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    size = max(1, int(batch_size))
+
+    def halve() -> int:
+        nonlocal size
+        if size == 1:
+            raise RuntimeError(f"{what}: out of memory with 1 row per batch; lower generation.max_new_tokens")
+        size = max(1, size // 2)
+        log.warning("%s: out of memory; retrying with %d rows per batch", what, size)
+        return size
+
+    def attempt(bs: int):
+        try:
+            return fn(bs)
+        except RuntimeError as e:
+            if is_oom(e) and not should_reduce_batch_size(e):
+                raise RuntimeError(f"{what} ran out of memory. ({type(e).__name__}: {e})") from e
+            raise
+
+    try:  # the first try runs bare: accelerate's wrapper starts every call with a gc.collect() (~0.3 s)
+        return attempt(size)
+    except RuntimeError as e:
+        if not should_reduce_batch_size(e):
+            raise
+    _clear_cache()
+    return find_executable_batch_size(attempt, starting_batch_size=halve(), reduce_batch_size_fn=halve)()
 
 
 def generate_with_backoff(run_batch, rows: Sequence, batch_size: int, on_done, timeout_s: float = 0.0) -> int:
@@ -78,11 +287,10 @@ def generate_with_backoff(run_batch, rows: Sequence, batch_size: int, on_done, t
             with watchdog(timeout_s, f"generate batch of {len(chunk)} rows", announce=False):
                 fault_point("batch")
                 outputs = run_batch(chunk)
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+        except RuntimeError as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
             if not is_oom(e) or batch_size == 1:
                 raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            _clear_cache()
             batch_size = max(1, batch_size // 2)
             log.warning(
                 "out of memory with %d rows per batch: retrying with %d",

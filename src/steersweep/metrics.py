@@ -9,6 +9,9 @@
   length-normalised, mean) log-probability as the suffix of the jointly encoded context + answer
   (`encoding.encode`), under the row's steering on `steering.positions`; `behavior_prob_sem` is its
   standard error over items.
+- next_token_kl: KL(steered || unsteered) of the next-token distribution at the last position of
+  each sweep prompt, averaged over the prompts per setting (`next_token_kl_sem`: its standard error):
+  the side effect quoted beside the behaviour.
 
 Every forward here is left-padded with position ids that follow the mask (`encoding.model_inputs`).
 """
@@ -22,11 +25,11 @@ from collections.abc import Sequence
 import torch
 
 from .encoding import Encoded, EncodingError, encode, model_inputs, pad_id_of  # noqa: F401 (pad_id_of for callers)
-from .hooks import RowDelta, row_deltas, steer
+from .hooks import RowDelta, parse_positions, row_deltas, row_key, steer
 
 WORD = re.compile(r"[a-z']+")
 EMOJI = r"[\U0001F300-\U0001FAFF\u2600-\u27BF]"
-METRICS = ("word_rate", "distinct", "perplexity", "behavior_prob", "regex")
+METRICS = ("word_rate", "distinct", "perplexity", "behavior_prob", "next_token_kl", "regex")
 
 
 def word_rates(text: str, lists: dict[str, list[str]]) -> dict[str, float]:
@@ -48,48 +51,49 @@ def regex_counts(text: str, patterns: dict[str, str]) -> dict[str, float]:
 
 
 class MaskedRowDelta(RowDelta):
-    """A per-row delta applied only where `mask[b, t]` is 1, for one full (non-incremental) forward.
+    """A layer's per-row steering (any mode) applied only where `mask[b, t]` is 1, for one full
+    (non-incremental) forward.
 
     `RowDelta` tells the prefill from decoding steps by counting calls; a scoring forward sees the
     whole sequence at once, so which positions are steered is given here as a [B, T] mask.
     """
 
-    def __init__(self, delta: torch.Tensor, mask: torch.Tensor):
-        super().__init__(delta, "all")
-        self.mask = mask.float()
-        self._mask_cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+    def __init__(self, rd: RowDelta, mask: torch.Tensor):
+        super().__init__(rd.delta, "all", rd.units, rd.renorm, rd.lengths)
+        self.fixed = mask.bool()
 
-    def apply(self, h: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        d = self.on(h)
-        if h.shape[:2] != self.mask.shape:
-            raise RuntimeError(f"steering mask of shape {tuple(self.mask.shape)} for activations {tuple(h.shape)}")
-        key = (h.device, h.dtype)
-        if key not in self._mask_cache:
-            self._mask_cache[key] = self.mask.to(device=h.device, dtype=h.dtype)[:, :, None]
-        return h + d * self._mask_cache[key]
+    def mask(self, h: torch.Tensor) -> torch.Tensor | None:
+        if h.shape[:2] != self.fixed.shape:
+            raise RuntimeError(f"steering mask of shape {tuple(self.fixed.shape)} for activations {tuple(h.shape)}")
+        return self.fixed
 
 
 def steering_mask(attention_mask: torch.Tensor, tails: Sequence[int], positions: str) -> torch.Tensor:
-    """[B, T] positions steered in a left-padded scoring forward.
+    """[B, T] positions steered in a left-padded scoring forward of context + answer (`tails[b]`
+    answer tokens), matching what generation steers when the answer is what gets generated.
 
-    all: every real token. generated: the answer is the generated part, so what generation with
-    positions=generated steers: the context's last token (whose output predicts the first answer
-    token) and every answer token; the rest of the context stays unsteered.
+    all: every real token. prompt: the context (generation's prefill). generated: the context's
+    last token (whose output predicts the first answer token) and every answer token. from:K: real
+    token K onward.
     """
-    if positions == "all":
-        return attention_mask.float()
-    if positions != "generated":
-        raise ValueError(f"steering positions must be 'all' or 'generated', got {positions!r}")
+    kind, k = parse_positions(positions)
+    real = attention_mask.float()
+    if kind == "all":
+        return real
     width = attention_mask.shape[1]
     cols = torch.arange(width)[None, :]
-    first = torch.tensor([width - int(n) - 1 for n in tails])[:, None]
-    return (cols >= first).float() * attention_mask.float()
+    answer_start = torch.tensor([width - int(n) for n in tails])[:, None]
+    if kind == "prompt":
+        return (cols < answer_start).float() * real
+    if kind == "generated":
+        return (cols >= answer_start - 1).float() * real
+    index = cols - (width - attention_mask.sum(1, keepdim=True))  # token index within the row
+    return (index >= k).float() * real
 
 
-def masked_row_deltas(rows: Sequence[tuple[int, float, torch.Tensor]], mask: torch.Tensor) -> dict[int, MaskedRowDelta]:
+def masked_row_deltas(rows: Sequence[tuple], mask: torch.Tensor) -> dict[int, MaskedRowDelta]:
     """`hooks.row_deltas` for one full forward, steering only where `mask` is 1."""
-    return {layer: MaskedRowDelta(rd.delta, mask) for layer, rd in row_deltas(rows).items()}
+    return {layer: MaskedRowDelta(rd, mask) for layer, rd in row_deltas(rows).items()}
 
 
 @torch.inference_mode()
@@ -245,7 +249,7 @@ def behavior_probs(
     steering: list[tuple[int, float, torch.Tensor]] = []
     # where each (setting, item)'s two log-probs come from: (row, is_alt) per answer
     where: dict[tuple, tuple[tuple[int, bool], tuple[int, bool]]] = {}
-    keys = [None if a == 0 else (layer, float(a), id(v)) for layer, a, v in settings]
+    keys = [row_key(st) for st in settings]
     done: set = set()
     for key, st in zip(keys, settings, strict=True):
         if key in done:
@@ -284,6 +288,61 @@ def behavior_probs(
         mean = sum(ps) / n
         var = sum((p - mean) ** 2 for p in ps) / (n - 1) if n > 1 else 0.0
         out.append((mean, math.sqrt(var / n)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Side effect: next-token KL from the unsteered model
+
+
+@torch.inference_mode()
+def next_token_kl(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    settings: Sequence[tuple],
+    pad_id: int | None,
+    batch_size: int = 32,
+    layers_path: str | None = None,
+    positions: str = "all",
+) -> list[tuple[float, float]]:
+    """(mean, standard error) over prompts of KL(steered || unsteered) of the next-token
+    distribution at each prompt's last position, per setting (layer, alpha, vector[, mode]).
+
+    The cost people quote beside the effect: how far the steering moves the model's prediction on
+    prompts that are not about the concept. Steering covers the prompt as generation's prefill
+    does under `positions`; alpha 0 settings are 0 without a forward.
+    """
+    if not prompt_ids:
+        raise ValueError("no prompts to measure the next-token KL on")
+    device = model.get_input_embeddings().weight.device
+
+    def last_logprobs(steering: Sequence[tuple] | None) -> torch.Tensor:
+        seqs = [list(p) for p in prompt_ids] * (len(steering) // len(prompt_ids) if steering else 1)
+        out = []
+        for s in range(0, len(seqs), batch_size):
+            inputs = model_inputs(seqs[s : s + batch_size], pad_id)
+            rows = steering[s : s + batch_size] if steering else []
+            mask = steering_mask(inputs["attention_mask"], [0] * len(rows), positions) if rows else None
+            with steer(model, masked_row_deltas(rows, mask) if rows else {}, layers_path):
+                logits = model(**{n: v.to(device) for n, v in inputs.items()}, logits_to_keep=1).logits
+            out.append(torch.log_softmax(logits[:, -1].double(), dim=-1).cpu())  # small KLs: no cancellation
+        return torch.cat(out)
+
+    base = last_logprobs(None)  # [P, V]
+    keys = [row_key(st) for st in settings]
+    uniq = {k: st for k, st in zip(keys, settings, strict=True) if k is not None}
+    n = len(prompt_ids)
+    kl: dict = {None: torch.zeros(n)}
+    if uniq:
+        rows = [st for st in uniq.values() for _ in range(n)]
+        lq = last_logprobs(rows).reshape(len(uniq), n, -1)
+        per = (lq.exp() * (lq - base[None])).sum(-1).clamp_min(0.0)  # [settings, prompts]
+        kl.update(zip(uniq, per, strict=True))
+    out = []
+    for k in keys:
+        v = kl[k].double()
+        sem = float(v.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
+        out.append((float(v.mean()), sem))
     return out
 
 

@@ -1,15 +1,18 @@
 """Tables and pictures of a finished sweep, computed from the Parquet table alone.
 
-For each metric: a layer x alpha pivot of the mean with a 95% interval across prompts (CSV and
-Markdown), a heatmap, and per-layer curves over alpha. A Markdown summary names the best
-(layer, alpha) by the configured objective, subject to a fluency constraint, and shows example
-completions next to the unsteered ones.
+For each metric: a layer x alpha pivot of the mean with a 95% interval (across prompts; for
+behavior_prob across behaviour items) as CSV and Markdown, a heatmap, and per-layer curves over
+alpha. A Markdown summary names the best (layer, alpha) by the configured objective, subject to a
+fluency constraint, and shows example completions next to the unsteered ones. `index.html` holds all
+of it in one offline page, with a completions browser (report_html.py).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from shlex import quote
 
 import matplotlib
 
@@ -19,11 +22,17 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .config import ReportConfig  # noqa: E402
-from .results import FIXED  # noqa: E402
+from .results import FIXED, ResultsError  # noqa: E402
 
-NOT_METRICS = set(FIXED) | {"behavior_prob_sem"}
+NOT_METRICS = set(FIXED) | {"behavior_prob_sem", "next_token_kl_sem"}
 # Metrics whose interval comes from a stored standard error (same value on every prompt's row).
-SEM_COLUMNS = {"behavior_prob": "behavior_prob_sem"}
+SEM_COLUMNS = {"behavior_prob": "behavior_prob_sem", "next_token_kl": "next_token_kl_sem"}
+
+
+def interval_note(metric: str) -> str:
+    """What a metric's ± interval is taken over (behavior_prob's comes from its behaviour items)."""
+    across = "behaviour items" if metric == "behavior_prob" else "prompts"
+    return f"Mean ± 95% interval across {across} (rows: layer, columns: alpha)."
 
 
 def metric_columns(df: pd.DataFrame) -> list[str]:
@@ -96,6 +105,25 @@ def curves(s: pd.DataFrame, metric: str, model: str, path: Path) -> None:
     plt.close(fig)
 
 
+def overview(df: pd.DataFrame) -> str:
+    """One sentence: how many completions over which models, layers, alphas and prompts."""
+    return (
+        f"{len(df)} completions; models {', '.join(sorted(df.model.unique()))}; "
+        f"layers {', '.join(str(int(x)) for x in sorted(df.layer.unique()))}; "
+        f"alphas {', '.join(f'{x:g}' for x in sorted(df.alpha.unique()))}; {df.prompt_id.nunique()} prompts."
+    )
+
+
+@dataclass
+class Section:
+    """One metric's part of the report: what its interval is over, its pivot, its pictures."""
+
+    metric: str
+    note: str
+    pivot: pd.DataFrame  # (model, layer) x alpha, cells "mean ± ci95"
+    images: list[Path]  # heatmap and curves PNGs, per model
+
+
 def best_cell(df: pd.DataFrame, cfg: ReportConfig) -> tuple[pd.Series | None, str]:
     """Highest objective mean among cells whose fluency stays within the allowed rise over alpha 0."""
     if cfg.objective not in df:
@@ -117,25 +145,31 @@ def best_cell(df: pd.DataFrame, cfg: ReportConfig) -> tuple[pd.Series | None, st
 
 
 def write_report(run_dirs: str | Path | list, cfg: ReportConfig | None = None) -> Path:
-    """Write `report/` (tables, PNGs, summary.md) into the first run folder; return summary.md."""
+    """Write `report/` (tables, PNGs, summary.md, index.html) into the first run folder; return summary.md.
+
+    Args:
+        run_dirs: a run folder with a merged results.parquet, or several (the first holds the report;
+            the others are compared with it, as `report.compare_runs` asks).
+        cfg: objective and fluency constraint for the best cell (default `ReportConfig()`).
+
+    Raises:
+        ResultsError: a folder or its results.parquet is missing (one line saying what to run).
+    """
     cfg = cfg or ReportConfig()
     dirs = [Path(d) for d in (run_dirs if isinstance(run_dirs, (list, tuple)) else [run_dirs])]
     frames = []
     for d in dirs:
         table = d / "results.parquet"
+        if not d.is_dir():
+            raise ResultsError(f"run folder {d} does not exist: check run_dir and report.compare_runs")
         if not table.is_file():
-            raise FileNotFoundError(f"{table} not found: run task=merge run_dir={d} first")
+            raise ResultsError(f"{table} not found: run task=merge run_dir={quote(str(d))} first")
         frames.append(pd.read_parquet(table))
     df = pd.concat(frames, ignore_index=True)
     out = dirs[0] / "report"
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Steering sweep report: {', '.join(d.name for d in dirs)}", ""]
-    lines.append(
-        f"{len(df)} completions; models {', '.join(sorted(df.model.unique()))}; "
-        f"layers {', '.join(str(int(x)) for x in sorted(df.layer.unique()))}; "
-        f"alphas {', '.join(f'{x:g}' for x in sorted(df.alpha.unique()))}; {df.prompt_id.nunique()} prompts."
-    )
-    lines.append("")
+    title = f"Steering sweep report: {', '.join(d.name for d in dirs)}"
+    lines = [f"# {title}", "", overview(df), ""]
     best, rule = best_cell(df, cfg)
     lines.append("## Best cell")
     if best is not None:
@@ -146,18 +180,23 @@ def write_report(run_dirs: str | Path | list, cfg: ReportConfig | None = None) -
     else:
         lines.append(f"None: {rule}.")
     lines.append("")
+    sections = []
     for metric in metric_columns(df):
         s = summarize(df, metric)
         s.to_csv(out / f"table_{metric}.csv", index=False)
-        lines += [f"## {metric}", "", "Mean ± 95% interval across prompts (rows: layer, columns: alpha).", ""]
-        lines.append(markdown_table(pivot_text(s)))
+        pivot = pivot_text(s)
+        lines += [f"## {metric}", "", interval_note(metric), ""]
+        lines.append(markdown_table(pivot))
         lines.append("")
+        images = []
         for model in s.model.unique():
             tag = f"{metric}_{model}".replace("/", "_")
             heatmap(s, metric, model, out / f"heatmap_{tag}.png")
             curves(s, metric, model, out / f"curves_{tag}.png")
             lines.append(f"![{metric} heatmap](heatmap_{tag}.png) ![{metric} curves](curves_{tag}.png)")
+            images += [out / f"heatmap_{tag}.png", out / f"curves_{tag}.png"]
         lines.append("")
+        sections.append(Section(metric, interval_note(metric), pivot, images))
     lines += ["## Example completions", ""]
     if best is not None:
         first = df.prompt_id.iloc[0]
@@ -166,4 +205,8 @@ def write_report(run_dirs: str | Path | list, cfg: ReportConfig | None = None) -
             lines.append(f"- alpha {r.alpha:g}, layer {r.layer}: *{r.prompt}* → {r.completion!r}")
     path = out / "summary.md"
     path.write_text("\n".join(lines) + "\n")
+    from .report_html import write_html
+
+    runs = [(d.name, f) for d, f in zip(dirs, frames, strict=True)]
+    write_html(out / "index.html", title, df, runs, cfg, (best, rule), sections)
     return path

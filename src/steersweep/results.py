@@ -42,6 +42,9 @@ SCHEMA = pa.schema(
         ("alpha_rel", pa.float64()),
         ("vector_id", pa.string()),
         ("vector_norm", pa.float64()),
+        ("concept", pa.string()),  # the steered concept (vectors.concept)
+        ("method", pa.string()),  # how the vector was found: mean_diff | pca_diff | pca_center | logistic | file's
+        ("mode", pa.string()),  # how it was applied: add | ablate | ablate_add | norm_preserving
         ("prompt_id", pa.string()),
         ("prompt", pa.string()),
         ("sample", pa.int32()),
@@ -51,6 +54,7 @@ SCHEMA = pa.schema(
         ("stop_reason", pa.string()),
         ("seconds", pa.float64()),
         ("worker", pa.string()),
+        ("decode_rows", pa.int32()),  # rows of the decode that made it: the planned batch, or a memory cut of it
     ]
 )
 FIXED = [f.name for f in SCHEMA]
@@ -128,7 +132,12 @@ class RunFolder:
 
     def behavior_done(self) -> dict[tuple[int, float], tuple[float, float]]:
         """(layer, alpha) -> (behavior_prob, its sem) from rows already written."""
-        cols = ["layer", "alpha", "behavior_prob", "behavior_prob_sem"]
+        return self.setting_done("behavior_prob")
+
+    def setting_done(self, metric: str) -> dict[tuple[int, float], tuple[float, float]]:
+        """(layer, alpha) -> (metric, its `<metric>_sem`) from rows already written: per-setting
+        metrics (behavior_prob, next_token_kl) are scored once per folder, also across restarts."""
+        cols = ["layer", "alpha", metric, f"{metric}_sem"]
         out = {}
         for p in self.part_files():
             try:
@@ -138,7 +147,7 @@ class RunFolder:
             except Exception:  # unreadable parts are reported by read_parts
                 continue
             for r in df.itertuples(index=False):
-                out[(int(r.layer), float(r.alpha))] = (float(r.behavior_prob), float(r.behavior_prob_sem))
+                out[(int(r.layer), float(r.alpha))] = (float(r[2]), float(r[3]))
         return out
 
     def merge(self, csv: bool = False, keep: set[str] | None = None) -> tuple[pd.DataFrame, Path]:

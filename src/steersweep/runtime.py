@@ -232,18 +232,26 @@ WATCHDOG_EXIT = 3  # exit status of a run stopped by a watchdog
 
 
 @contextlib.contextmanager
-def watchdog(seconds: float, what: str, announce: bool = True):
+def watchdog(seconds: float, what: str, announce: bool | None = None):
     """Dump every thread's stack and exit (status 3) if the body runs longer than `seconds`.
 
     A timer thread says what stalled, dumps all stacks and exits; faulthandler's C-level timer
-    backs it up a minute later in case a hang never releases the GIL.
+    backs it up a minute later in case a hang never releases the GIL. The limit is said on stderr
+    when `announce` is True, or (None) when it is not the default `memory.load_timeout_s`, i.e.
+    someone chose it; otherwise only at debug level (a line on every run says nothing new).
     """
     if not seconds or seconds <= 0:
         yield
         return
+    line = f"[watchdog] {what}: stacks are dumped and the run exits if this takes over {seconds:.0f} s"
+    if announce is None:
+        from .config import MemoryConfig
+
+        announce = seconds != MemoryConfig.load_timeout_s
     if announce:
-        print(f"[watchdog] {what}: stacks are dumped and the run exits if this takes over {seconds:.0f} s",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(line, file=sys.stderr, flush=True)
+    else:
+        log.debug("%s", line)
 
     def fire() -> None:
         print(f"[watchdog] {what} has run for over {seconds:.0f} s: dumping all thread stacks and exiting "

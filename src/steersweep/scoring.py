@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from . import generation as G
 from . import metrics as M
 from .hooks import hook_name
+from .memory import with_backoff
 from .plan import Batch
 from .results import RunFolder
 from .vectors import VectorSet
@@ -42,6 +43,9 @@ class Scorer:
         self.patterns = dict(cfg.eval.regex)
         self.lists = inputs.get("word_lists", {})
         self.behavior = folder.behavior_done() if "behavior_prob" in self.names else None
+        self.kl = folder.setting_done("next_token_kl") if "next_token_kl" in self.names else None
+        self.labels = {"concept": vs.concept, "method": vs.method, "mode": cfg.steering.mode}  # constant per run
+        self.on_phase = lambda phase: None  # progress: told what scoring runs now
         self.judge = None
         if cfg.eval.judge is not None:
             from .judge import Judge
@@ -53,15 +57,24 @@ class Scorer:
 
     def rows(self, batch: Batch, outs: list[G.Completion], seconds: float, worker: str) -> list[dict]:
         cfg, cells = self.cfg, batch.cells
+        if "perplexity" in self.names:
+            self.on_phase(f"scoring perplexity of {len(cells)} rows")
         ppl = (
-            M.perplexities(self.model, [self.prompt_ids[c.prompt_id] for c in cells], [o.token_ids for o in outs],
-                           self.tokenizer.pad_token_id, layers_path=cfg.model.layers_path)
+            with_backoff(lambda bs: M.perplexities(  # OOM: halve the scoring batch (memory.with_backoff)
+                self.model, [self.prompt_ids[c.prompt_id] for c in cells], [o.token_ids for o in outs],
+                self.tokenizer.pad_token_id, bs, layers_path=cfg.model.layers_path), 32, "perplexity")
             if "perplexity" in self.names else [None] * len(cells)
         )  # fmt: skip
         if self.behavior is not None:
             new = sorted({(c.layer, c.alpha) for c in cells} - set(self.behavior))
             if new:
+                self.on_phase(f"scoring behaviour at {len(new)} settings")
                 self.behavior.update(self.behavior_table(new))
+        if self.kl is not None:  # next-token KL from the unsteered model: once per setting, like behavior_prob
+            new = sorted({(c.layer, c.alpha) for c in cells} - set(self.kl))
+            if new:
+                self.on_phase(f"scoring next-token KL at {len(new)} settings")
+                self.kl.update(self.kl_table(new))
         judged = self.judge.score([c.prompt for c in cells], [o.text for o in outs]) if self.judge else None
         rows = []
         for i, (c, o) in enumerate(zip(cells, outs, strict=True)):
@@ -82,6 +95,9 @@ class Scorer:
                 row["judge_score"] = judged[i]
             if self.behavior is not None:
                 row["behavior_prob"], row["behavior_prob_sem"] = self.behavior[(c.layer, c.alpha)]
+            if self.kl is not None:
+                row["next_token_kl"], row["next_token_kl_sem"] = self.kl[(c.layer, c.alpha)]
+            row.update(self.labels)
             rows.append(row)
         return rows
 
@@ -96,12 +112,26 @@ class Scorer:
         t0 = time.perf_counter()
         chat = G.use_chat_template(tok, cfg.generation.chat_template)
         enc = M.encode_behavior_items(tok, self.inputs["behavior_items"], cfg.eval.behavior_format, chat)
-        rows = [(layer, alpha, self.vs.vectors[layer]) for layer, alpha in settings]
+        rows = [(layer, alpha, self.vs.vectors[layer], cfg.steering.mode) for layer, alpha in settings]
         norm = bool(cfg.eval.behavior_length_normalize)
-        res = M.behavior_probs(
-            self.model, enc, rows, M.pad_id_of(tok), 32, cfg.model.layers_path, cfg.steering.positions, norm
-        )
+        res = with_backoff(lambda bs: M.behavior_probs(
+            self.model, enc, rows, M.pad_id_of(tok), bs, cfg.model.layers_path, cfg.steering.positions, norm
+        ), 32, "behavior_prob")  # fmt: skip
         log.info(
             "behavior_prob for %d settings x %d items in %.1f s", len(settings), len(enc), time.perf_counter() - t0
         )
+        return dict(zip(settings, res, strict=True))
+
+    def kl_table(self, settings: list[tuple[int, float]]) -> dict:
+        """next_token_kl (mean, sem) per (layer, alpha): KL(steered || unsteered) of the next-token
+        distribution at the last position of each sweep prompt (`metrics.next_token_kl`)."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        prompts = list(self.prompt_ids.values())
+        rows = [(layer, alpha, self.vs.vectors[layer], cfg.steering.mode) for layer, alpha in settings]
+        res = with_backoff(lambda bs: M.next_token_kl(
+            self.model, prompts, rows, M.pad_id_of(self.tokenizer), bs, cfg.model.layers_path, cfg.steering.positions
+        ), 32, "next_token_kl")  # fmt: skip
+        dt = time.perf_counter() - t0
+        log.info("next_token_kl for %d settings x %d prompts in %.1f s", len(settings), len(prompts), dt)
         return dict(zip(settings, res, strict=True))

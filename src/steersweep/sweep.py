@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,6 +35,7 @@ from .plan import (
     worker_name,
 )
 from .plan import todo as plan_todo
+from .progress import Progress
 from .results import ResultsError, RunFolder, git_commit, host_info, package_versions
 from .scoring import Scorer
 from .validate import ConfigError, validate_inputs, validate_model, validate_static
@@ -125,8 +127,6 @@ def generate_batches(
     A planned batch runs as one `generate` call when memory allows, else in smaller chunks (from
     the memory estimate, and halved on out-of-memory); its rows are written together either way.
     """
-    from tqdm.auto import tqdm
-
     gen = cfg.generation
     texts = [p["prompt"] for p in inputs["prompts"]]
     prompt_ids = dict(zip([p["id"] for p in inputs["prompts"]], G.encode_prompts(tokenizer, texts, gen), strict=True))
@@ -138,32 +138,56 @@ def generate_batches(
             f"{ctx} tokens: shorten them or lower generation.max_new_tokens"
         )
     longest = max(len(prompt_ids[c.prompt_id]) for b in batches for c in b.cells) + gen.max_new_tokens
-    chunk = M.rows_that_fit(model, longest, gen.max_batch_size)
+    chunk = M.rows_that_fit(model, longest, gen.max_batch_size, layers_path=cfg.model.layers_path)
     log.info("generating %d batches; up to %d rows per generate call", len(batches), chunk)
     scorer = Scorer(cfg, model, tokenizer, vs, inputs, prompt_ids, folder)
-    bar = tqdm(total=sum(len(b.cells) for b in batches), desc="cells", unit="cell",
-               disable=not (cfg.progress and show_progress))  # fmt: skip
+    n_rows = sum(len(b.cells) for b in batches)
+    progress = Progress(n_rows, gen.max_new_tokens, bool(cfg.progress and show_progress), cfg.progress_every_s)
+    scorer.on_phase = progress.set_phase
     written = 0
+    seen = [0]  # tokens made or released in the current batch
+
+    def on_step(tokens: int, finished: int, step: int) -> None:
+        released = finished * (gen.max_new_tokens - step - 1)
+        seen[0] += tokens + released
+        progress.step(tokens, released)
 
     def run(cells):
-        steering = [(c.layer, c.alpha, vs.vectors[c.layer]) for c in cells]
+        steering = [(c.layer, c.alpha, vs.vectors[c.layer], cfg.steering.mode) for c in cells]
         return G.generate_rows(
             model, tokenizer, [prompt_ids[c.prompt_id] for c in cells], steering, gen,
             [c.seed for c in cells] if gen.do_sample else None, cfg.steering.positions, cfg.model.layers_path,
+            on_step=on_step,
         )  # fmt: skip
 
-    for batch in batches:
+    for k, batch in enumerate(batches, 1):
         outs: list[G.Completion] = []
+        decode_rows: list[int] = []  # rows of the decode that made each row: the planned batch, or a cut of it
+
+        def done(chunk, o, _s, outs=outs, decode_rows=decode_rows):
+            outs.extend(o)
+            decode_rows.extend([len(chunk)] * len(chunk))
+
         t0 = time.perf_counter()
+        seen[0] = 0
+        progress.set_phase(f"generating batch {k}/{len(batches)}")
         chunk = M.generate_with_backoff(
-            run, list(batch.cells), min(chunk, len(batch.cells)), lambda _c, o, _s, acc=outs: acc.extend(o),
-            cfg.memory.batch_timeout_s,
+            run, list(batch.cells), min(chunk, len(batch.cells)), done, cfg.memory.batch_timeout_s
         )  # fmt: skip
+        progress.step(0, len(batch.cells) * gen.max_new_tokens - seen[0])  # rows made once for several cells
+        progress.set_phase(f"scoring batch {k}/{len(batches)}")
         rows = scorer.rows(batch, outs, time.perf_counter() - t0, worker)
+        for row, n in zip(rows, decode_rows, strict=True):
+            row["decode_rows"] = n
+        if any(n < len(batch.cells) for n in decode_rows):
+            log.warning(
+                "batch %s ran in cuts of %s rows instead of %d (memory): its rows record decode_rows",
+                batch.batch_id, sorted(set(decode_rows), reverse=True), len(batch.cells),
+            )  # fmt: skip
         folder.write_part(rows, worker)
         written += len(rows)
-        bar.update(len(rows))
-    bar.close()
+        progress.rows_written(len(rows))
+    progress.close()
     return written
 
 
@@ -184,7 +208,7 @@ def get_vectors(cfg: DictConfig, model, tokenizer, inputs: dict, folder: RunFold
         vs = compute_caa(
             model, tokenizer, inputs["pairs"], layers, cfg.vectors.concept, cfg.vectors.position,
             cfg.vectors.batch_size, cfg.vectors.chat_template, cfg.model.layers_path, cfg.model.name,
-            cfg.vectors.read_at,
+            cfg.vectors.read_at, cfg.vectors.method, cfg.vectors.logistic_c,
         )  # fmt: skip
         log.info(
             "computed %d vectors from %d pairs in %.1f s", len(layers), len(inputs["pairs"]), time.perf_counter() - t0
@@ -247,8 +271,26 @@ def finish(cfg: DictConfig, folder: RunFolder, plan: RunPlan, written: int) -> d
         from .reporting import write_report
 
         summary["report"] = str(write_report(folder.path, cfg.report))
-    print(f"wrote {written} new rows; {len(df)} rows in {path}")
+    print(end_summary(df, path, written, cfg, summary.get("report")))
     return summary
+
+
+def end_summary(df, path, written: int, cfg: DictConfig, report: str | None) -> str:
+    """The run's last words on the console: rows, the best (layer, alpha), where to look."""
+    from .reporting import best_cell
+
+    lines = [f"done: {len(df)} rows in {path} ({written} written by this job)"]
+    best, rule = best_cell(df, cfg.report)
+    obj = cfg.report.objective
+    if best is not None:
+        lines.append(f"  best by {obj}: layer {best['layer']}, alpha {best['alpha']:g} "
+                     f"(mean {obj} {best['objective']:.3g}; {rule})")  # fmt: skip
+    else:
+        lines.append(f"  best by {obj}: none ({rule})")
+    if report:
+        html = Path(report).with_name("index.html")
+        lines.append(f"  report: {html if html.is_file() else report}")
+    return "\n".join(lines)
 
 
 def status(folder: RunFolder) -> dict:

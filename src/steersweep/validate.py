@@ -77,7 +77,14 @@ def validate_static(cfg: DictConfig) -> None:
         len(set(st.alphas)) == len(st.alphas),
         f"steering.alphas={list(st.alphas)} repeats an alpha: list each alpha once",
     )
-    check(st.positions in ("all", "generated"), f"steering.positions={st.positions}: use all or generated")
+    # steering methods and modes (issue 13)
+    from .hooks import MODES, POSITIONS_HELP, parse_positions
+    from .vectors import METHODS
+
+    check(_parses(parse_positions, st.positions), f"steering.positions={st.positions}: {POSITIONS_HELP}")
+    check(st.mode in MODES, f"steering.mode={st.mode}: use one of {', '.join(MODES)}")
+    check(vec.method in METHODS, f"vectors.method={vec.method}: use one of {', '.join(METHODS)}")
+    check(vec.logistic_c > 0, f"vectors.logistic_c={vec.logistic_c} must be > 0")
     check(st.samples >= 1, f"steering.samples={st.samples} must be >= 1")
     check(
         st.samples == 1 or gen.do_sample,
@@ -259,3 +266,12 @@ def validate_offline(cfg: DictConfig, multirun: bool = False):
     hf = validate_model(cfg, need_checkpoint=False)
     validate_inputs(cfg, hf)
     return hf
+
+
+def _parses(parse, value) -> bool:
+    """True when `parse(value)` accepts it (the parser owns the grammar; the check owns the message)."""
+    try:
+        parse(value)
+    except ValueError:
+        return False
+    return True

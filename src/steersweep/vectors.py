@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +35,12 @@ class VectorSet:
     concept: str = "concept"
     meta: dict[str, str] = field(default_factory=dict)  # model, position, n_pairs, source...
     resid_norms: dict[int, float] = field(default_factory=dict)  # mean |h| at each layer
+
+    @property
+    def method(self) -> str:
+        """How the vectors were found (`METHODS`), as recorded in their metadata; "file" if unknown."""
+        m = self.meta.get("method", "file")
+        return "mean_diff" if m == "caa_mean_difference" else m  # the name before methods existed
 
     def norm(self, layer: int) -> float:
         return float(self.vectors[layer].norm())
@@ -173,6 +179,29 @@ def example_ids(tokenizer, pair: dict, side: str, chat_template: bool, read_at: 
     return ids, [idx]
 
 
+def _example_rows(
+    model, examples: Sequence[tuple[list[int], list[int]]], layers: Sequence[int], batch_size: int,
+    layers_path: str | None,
+) -> Iterator[dict[int, torch.Tensor]]:  # fmt: skip
+    """Per chunk of examples: {layer: [b, H] float32}, each example's activation averaged over its
+    own token indices (left padding and mask-following positions, as `encoding.model_inputs`)."""
+    device = model.get_input_embeddings().weight.device
+    pad = model.config.pad_token_id if getattr(model.config, "pad_token_id", None) is not None else 0
+    for s in range(0, len(examples), batch_size):
+        chunk = examples[s : s + batch_size]
+        enc = model_inputs([ids for ids, _ in chunk], pad)
+        width = enc["input_ids"].shape[1]
+        with record(model, layers, layers_path) as store:
+            model(**{k: v.to(device) for k, v in enc.items()}, logits_to_keep=1)
+        out = {}
+        for layer in layers:
+            h = store[layer][0].float().cpu()
+            out[layer] = torch.stack(
+                [h[b, [width - len(ids) + i for i in idx]].mean(0) for b, (ids, idx) in enumerate(chunk)]
+            )
+        yield out
+
+
 @torch.inference_mode()
 def mean_activation_at(
     model, examples: Sequence[tuple[list[int], list[int]]], layers: Sequence[int], batch_size: int = 16,
@@ -182,23 +211,95 @@ def mean_activation_at(
     own token indices (left padding and mask-following positions, as `encoding.model_inputs`)."""
     sums: dict[int, torch.Tensor] = {}
     norm_sums = {layer: 0.0 for layer in layers}
-    device = model.get_input_embeddings().weight.device
-    pad = model.config.pad_token_id if getattr(model.config, "pad_token_id", None) is not None else 0
-    for s in range(0, len(examples), batch_size):
-        chunk = examples[s : s + batch_size]
-        enc = model_inputs([ids for ids, _ in chunk], pad)
-        width = enc["input_ids"].shape[1]
-        with record(model, layers, layers_path) as store:
-            model(**{k: v.to(device) for k, v in enc.items()}, logits_to_keep=1)
-        for layer in layers:
-            h = store[layer][0].float().cpu()
-            rows = torch.stack(
-                [h[b, [width - len(ids) + i for i in idx]].mean(0) for b, (ids, idx) in enumerate(chunk)]
-            )
+    for rows_of in _example_rows(model, examples, layers, batch_size, layers_path):
+        for layer, rows in rows_of.items():
             sums[layer] = rows.sum(0) if layer not in sums else sums[layer] + rows.sum(0)
             norm_sums[layer] += float(rows.norm(dim=-1).sum())
     n = len(examples)
     return {layer: sums[layer] / n for layer in layers}, {layer: norm_sums[layer] / n for layer in layers}
+
+
+@torch.inference_mode()
+def activations_at(
+    model, examples: Sequence[tuple[list[int], list[int]]], layers: Sequence[int], batch_size: int = 16,
+    layers_path: str | None = None,
+) -> dict[int, torch.Tensor]:  # fmt: skip
+    """Every example's activation after each layer: {layer: [N, H] float32} (see `mean_activation_at`)."""
+    chunks = list(_example_rows(model, examples, layers, batch_size, layers_path))
+    return {layer: torch.cat([c[layer] for c in chunks]) for layer in layers}
+
+
+# How a direction is found from the paired activations P, N ([n_pairs, H]; row i is pair i):
+#   mean_diff   mean(P) - mean(N) (CAA)
+#   pca_diff    first principal component of the differences P - N (centred, as PCA is)
+#   pca_center  first principal component of [P - C; N - C], C = (P + N) / 2 the pairs' centres
+#               (repeng's definition: each example relative to its own pair's centre)
+#   logistic    normalised weight of an L2-regularised logistic-regression probe (positive = 1)
+# pca_* and logistic give a unit direction, oriented to agree with the mean difference and scaled
+# to its norm, so the same alpha means the same push size whatever the method.
+METHODS = ("mean_diff", "pca_diff", "pca_center", "logistic")
+
+
+def first_component(x: torch.Tensor) -> torch.Tensor:
+    """Unit first principal component of the rows of `x` (centred), float64."""
+    x = x.double()
+    _, _, vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)
+    return vh[0]
+
+
+def logistic_direction(pos: torch.Tensor, neg: torch.Tensor, c: float = 1.0) -> torch.Tensor:
+    """Unit weight vector of a logistic-regression probe (positive = 1, negative = 0), float64.
+
+    Minimises 0.5 |w|^2 + c * sum_i logloss(y_i, w.x_i + b) (the intercept is not penalised; the
+    objective of scikit-learn's LogisticRegression(C=c)), full-batch L-BFGS from zero: convex,
+    deterministic. Solved on the activations centred and divided by their mean norm s, with c s^2
+    in place of c: the same minimiser up to scale, better conditioned.
+    """
+    x = torch.cat([pos, neg]).double()
+    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).double()
+    x = x - x.mean(0)
+    s = float(x.norm(dim=1).mean()) or 1.0
+    x = x / s
+    cs = c * s * s
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [w, b], lr=1, max_iter=2000, tolerance_grad=1e-12, tolerance_change=1e-15, history_size=50,
+        line_search_fn="strong_wolfe",
+    )  # fmt: skip
+
+    def closure():
+        opt.zero_grad()
+        z = x @ w + b
+        loss = 0.5 * (w * w).sum() + cs * torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="sum")
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    w = w.detach()
+    if not torch.isfinite(w).all() or float(w.norm()) == 0:
+        raise VectorError("the logistic probe found no direction (identical positive and negative activations?)")
+    return w / w.norm()
+
+
+def direction(method: str, pos: torch.Tensor, neg: torch.Tensor, logistic_c: float = 1.0) -> torch.Tensor:
+    """One layer's steering vector from paired activations pos[i], neg[i] ([n_pairs, H]); see `METHODS`."""
+    md = pos.double().mean(0) - neg.double().mean(0)
+    if method == "mean_diff":
+        return md.float()
+    if method == "pca_diff":
+        u = first_component(pos - neg)
+    elif method == "pca_center":
+        centre = (pos.double() + neg.double()) / 2
+        u = first_component(torch.cat([pos - centre, neg - centre]))
+    elif method == "logistic":
+        u = logistic_direction(pos, neg, logistic_c)
+    else:
+        raise VectorError(f"vectors.method={method}: use one of {', '.join(METHODS)}")
+    if float(u @ md) < 0:
+        u = -u
+    return (u * md.norm()).float()
 
 
 def compute_caa(
@@ -213,8 +314,11 @@ def compute_caa(
     layers_path: str | None = None,
     model_name: str = "",
     read_at: str = "last",
+    method: str = "mean_diff",
+    logistic_c: float = 1.0,
 ) -> VectorSet:
-    """Contrastive activation addition: mean(positive) - mean(negative) per layer.
+    """Steering vectors from contrastive pairs: mean(positive) - mean(negative) per layer (CAA), or
+    another direction of the same paired activations (`method`, see `METHODS`).
 
     Args:
         pairs: the internal pair form (`data.load_pairs`): text pairs {"positive", "negative"} or
@@ -222,28 +326,47 @@ def compute_caa(
         position: token index read in text pairs with `read_at="last"` (-1 = last token).
         chat_template: wrap each example in the tokenizer's chat template (applied once).
         read_at: last | answer (the answer letter of A/B pairs) | answer_mean (see `example_ids`).
+        method: mean_diff | pca_diff | pca_center | logistic.
+        logistic_c: inverse L2 strength of the logistic probe (scikit-learn's C).
     """
     if not pairs:
         raise VectorError("the contrastive dataset is empty: give at least one positive/negative pair")
     if read_at not in READ_AT:
         raise VectorError(f"vectors.read_at={read_at}: use one of {', '.join(READ_AT)}")
-    sides = {}
-    for side in ("positive", "negative"):
-        examples = [example_ids(tokenizer, p, side, chat_template, read_at, position) for p in pairs]
-        sides[side] = mean_activation_at(model, examples, layers, batch_size, layers_path)
-    (mp, np_), (mn, nn_) = sides["positive"], sides["negative"]
-    vecs = {layer: (mp[layer] - mn[layer]).contiguous() for layer in layers}
+    if method not in METHODS:
+        raise VectorError(f"vectors.method={method}: use one of {', '.join(METHODS)}")
+    if method != "mean_diff" and len(pairs) < 2:
+        raise VectorError(
+            f"vectors.method={method} needs at least 2 pairs (got {len(pairs)}): add pairs or use mean_diff"
+        )
+    examples = {
+        side: [example_ids(tokenizer, p, side, chat_template, read_at, position) for p in pairs]
+        for side in ("positive", "negative")
+    }
+    if method == "mean_diff":  # streamed: no [n, H] matrix kept
+        (mp, np_), (mn, nn_) = (mean_activation_at(model, examples[s], layers, batch_size, layers_path)
+                                for s in ("positive", "negative"))  # fmt: skip
+        vecs = {layer: (mp[layer] - mn[layer]).contiguous() for layer in layers}
+    else:
+        pos, neg = (
+            activations_at(model, examples[s], layers, batch_size, layers_path) for s in ("positive", "negative")
+        )
+        vecs = {layer: direction(method, pos[layer], neg[layer], logistic_c).contiguous() for layer in layers}
+        np_ = {layer: float(pos[layer].norm(dim=-1).mean()) for layer in layers}
+        nn_ = {layer: float(neg[layer].norm(dim=-1).mean()) for layer in layers}
     kinds = sorted({p.get("format", "text") for p in pairs})
     meta = {
         "model": model_name,
         "concept": concept,
-        "method": "caa_mean_difference",
+        "method": method,
         "read_at": read_at,
         "position": str(position),
         "pairs_format": ",".join(kinds),
         "n_pairs": str(len(pairs)),
         "chat_template": str(bool(chat_template)).lower(),
     }
+    if method == "logistic":
+        meta["logistic_c"] = repr(float(logistic_c))
     norms = {layer: (np_[layer] + nn_[layer]) / 2 for layer in layers}
     return VectorSet(vecs, concept, meta, norms)
 
@@ -281,13 +404,21 @@ def read_control_vector(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
         raise VectorError(f"cannot read GGUF file {path}: {e}") from None
     meta: dict[str, str] = {}
     for name, fld in r.fields.items():
-        if name.startswith(GGUF_ARCH + ".") or name == "general.architecture":
+        if name.startswith((GGUF_ARCH + ".", "steersweep.")) or name == "general.architecture":
             value = fld.parts[fld.data[0]]
             meta[name] = bytes(value).decode() if value.dtype == np.uint8 else str(value.tolist()[0])
     if meta.get("general.architecture") != GGUF_ARCH:
         raise VectorError(f"{path} is not a control-vector GGUF (architecture {meta.get('general.architecture')!r})")
     tensors = {t.name: torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(-1)) for t in r.tensors}
-    return tensors, {"model": meta.get(f"{GGUF_ARCH}.model_hint", ""), "format": "gguf.controlvector"}
+    out = {"model": meta.get(f"{GGUF_ARCH}.model_hint", ""), "format": "gguf.controlvector"}
+    # steersweep.exchange's own keys: the concept, residual norms and metadata survive the round trip
+    # (so vector_id and alpha_rel do not change); llama.cpp ignores them
+    try:
+        out.update(json.loads(meta.get("steersweep.meta", "{}")))
+    except ValueError:
+        raise VectorError(f"{path}: its steersweep.meta is not JSON; re-export the file") from None
+    out.update({k: meta[f"steersweep.{k}"] for k in ("concept", "resid_norms") if f"steersweep.{k}" in meta})
+    return tensors, out
 
 
 _TL_KEY = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
@@ -329,9 +460,14 @@ def load(path: str | Path, concept: str | None = None) -> VectorSet:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickles with code are refused by weights_only=True
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            # our own reason, never PyTorch's advice to turn weights_only off (that runs the pickle)
+            found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
+            if found or "Weights only load failed" in str(e):
+                why = "it pickles Python objects, not only tensors" + (f": {found[1]}" if found else "")
+            else:
+                why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise VectorError(
-                f"refused to load {path} with weights_only=True ({first}); save plain tensors in a dict "
+                f"refused to load {path} with weights_only=True ({why}); save plain tensors in a dict "
                 "or use safetensors"
             ) from None
         if not isinstance(obj, dict):

@@ -1,0 +1,474 @@
+"""Extraction methods, injection modes, steered positions and the next-token KL (issue 13).
+
+References are written here plainly, one item at a time (numpy / scikit-learn, a hook of the test's
+own), never through the function under test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from steersweep import vectors as V
+from steersweep.config import GenerationConfig
+from steersweep.data import load_behavior_items, load_pairs
+from steersweep.generation import generate_rows
+from steersweep.hooks import MODES, RowDelta, get_layers, record, row_deltas, steer
+from steersweep.metrics import behavior_probs, encode_behavior_items, next_token_kl, pad_id_of
+
+MODE_ROWS = ["add", "ablate", "ablate_add", "norm_preserving"]
+
+
+def layer_out(model, ids, layer, rows=None, positions="all"):
+    """Output of `layer` (record registers after steer, so it sees the steered state)."""
+    with steer(model, row_deltas(rows, positions) if rows else {}):
+        with record(model, [layer]) as store:
+            model(input_ids=ids)
+    return store[layer][0].clone()
+
+
+def plain_mode(h: torch.Tensor, v: torch.Tensor, alpha: float, mode: str) -> torch.Tensor:
+    """The four modes, written out independently of hooks.py."""
+    if alpha == 0:
+        return h
+    u = v / v.norm()
+    ablated = h - (h @ u)[..., None] * u
+    if mode == "add":
+        return h + alpha * v
+    if mode == "ablate":
+        return ablated
+    if mode == "ablate_add":
+        return ablated + alpha * v
+    added = h + alpha * v
+    return added * (h.norm(dim=-1, keepdim=True) / added.norm(dim=-1, keepdim=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact identities of the modes
+
+
+def test_ablate_leaves_no_component_along_u(tiny):
+    ids = torch.randint(3, 1000, (2, 7))
+    v = torch.randn(32) * 3
+    u = v / v.norm()
+    base = layer_out(tiny, ids, 1)
+    out = layer_out(tiny, ids, 1, [(1, 2.0, v, "ablate")] * 2)
+    assert (base @ u).abs().max() > 1e-2  # there was something to remove
+    assert (out @ u).abs().max() <= 1e-6 * base.norm(dim=-1).max()
+    torch.testing.assert_close(out, base - (base @ u)[..., None] * u, rtol=0, atol=1e-5)
+    # alpha only switches ablation on: any non-zero alpha removes the whole component
+    assert torch.equal(layer_out(tiny, ids, 1, [(1, -7.0, v, "ablate")] * 2), out)
+
+
+def test_norm_preserving_keeps_each_position_norm(tiny):
+    ids = torch.randint(3, 1000, (2, 7))
+    v = torch.randn(32) * 3
+    base = layer_out(tiny, ids, 2)
+    out = layer_out(tiny, ids, 2, [(2, 3.0, v, "norm_preserving")] * 2)
+    torch.testing.assert_close(out.norm(dim=-1), base.norm(dim=-1), rtol=1e-6, atol=0)
+    cos = torch.nn.functional.cosine_similarity(out, base + 3.0 * v, dim=-1)
+    assert (cos > 1 - 1e-6).all()  # the direction of h + alpha v
+    assert (out - base).abs().max() > 0.1
+
+
+def test_ablate_add_equals_ablate_then_add(tiny):
+    ids = torch.randint(3, 1000, (2, 6))
+    v = torch.randn(32)
+    ablated = layer_out(tiny, ids, 1, [(1, 1.0, v, "ablate")] * 2)
+    both = layer_out(tiny, ids, 1, [(1, 2.5, v, "ablate_add")] * 2)
+    assert torch.equal(both, ablated + 2.5 * v)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_alpha_zero_is_unsteered_in_every_mode(tiny, mode):
+    ids = torch.randint(3, 1000, (2, 6))
+    assert torch.equal(layer_out(tiny, ids, 1, [(1, 0.0, torch.randn(32), mode)] * 2), layer_out(tiny, ids, 1))
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="use one of add, ablate, ablate_add, norm_preserving"):
+        row_deltas([(1, 1.0, torch.randn(4), "subtract")])
+
+
+def test_mixed_modes_and_layers_in_one_batch_equal_single_rows(tiny):
+    ids = torch.randint(3, 1000, (5, 6))
+    v1, v2 = torch.randn(32), torch.randn(32)
+    rows = [(1, 2.0, v1, "add"), (2, 1.0, v2, "ablate"), (1, -1.5, v1, "ablate_add"),
+            (2, 3.0, v2, "norm_preserving"), (1, 0.0, v1, "ablate")]  # fmt: skip
+    with steer(tiny, row_deltas(rows)):
+        batched = tiny(input_ids=ids).logits
+    plain = tiny(input_ids=ids).logits
+    for b, row in enumerate(rows):
+        with steer(tiny, row_deltas([row])):
+            single = tiny(input_ids=ids[b : b + 1]).logits
+        torch.testing.assert_close(batched[b : b + 1], single, rtol=1e-5, atol=1e-5)
+        # and each mode really is its formula at its layer (a hand-made hook on the plain model)
+        layer, alpha, v, mode = row
+
+        def hook(module, args, out, alpha=alpha, v=v, mode=mode):  # noqa: ARG001
+            return plain_mode(out, v, alpha, mode)
+
+        handle = get_layers(tiny)[layer].register_forward_hook(hook)
+        try:
+            ref = tiny(input_ids=ids[b : b + 1]).logits
+        finally:
+            handle.remove()
+        torch.testing.assert_close(single, ref, rtol=1e-4, atol=1e-4)
+        if alpha != 0:
+            assert (single - plain[b : b + 1]).abs().max() > 1e-3
+
+
+def test_row_delta_keep_follows_every_row_state():
+    """The decode loop drops finished rows: modes, directions, norms flags and lengths follow."""
+    torch.manual_seed(0)
+    v, w = torch.randn(8), torch.randn(8)
+    rows = [(1, 2.0, v, "add"), (1, 1.0, w, "ablate"), (1, -1.0, v, "ablate_add"), (1, 3.0, w, "norm_preserving")]
+    lengths = [5, 4, 2, 3]
+    full = row_deltas(rows, "from:3", lengths)[1]
+    kept = row_deltas(rows, "from:3", lengths)[1]
+    h = torch.randn(4, 5, 8)
+    assert torch.equal(full.apply(h), kept.apply(h))  # prefill: caches filled before keep
+    steps = [torch.randn(4, 1, 8) for _ in range(3)]
+    assert torch.equal(full.apply(steps[0]), kept.apply(steps[0]))
+    keep = torch.tensor([3, 1, 2])
+    kept.keep(keep)
+    for s in steps[1:]:
+        want = full.apply(s)[keep]
+        assert torch.equal(kept.apply(s[keep]), want)
+    assert kept.rows == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Steered positions
+
+
+def changed(rd: RowDelta, h: torch.Tensor) -> list[list[int]]:
+    out = rd.apply(h)
+    return [[int(x) for x in row] for row in (out != h).any(-1)]
+
+
+@pytest.mark.parametrize(
+    "positions, prefill, step",
+    [
+        ("all", [[1] * 6, [1] * 6], [[1], [1]]),
+        ("prompt", [[1] * 6, [1] * 6], [[0], [0]]),
+        ("generated", [[0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 1]], [[1], [1]]),
+        # row 1 is left-padded by 3: its token 2 sits in column 5; after the prefill, token 6 / 3
+        ("from:2", [[0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]], [[1], [1]]),
+        ("from:4", [[0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0]], [[1], [0]]),
+    ],
+)
+def test_positions_steer_the_right_tokens(positions, prefill, step):
+    rd = row_deltas([(0, 1.0, torch.ones(4)), (0, 1.0, torch.ones(4))], positions, lengths=[6, 3])[0]
+    assert changed(rd, torch.randn(2, 6, 4)) == prefill
+    assert changed(rd, torch.randn(2, 1, 4)) == step
+    if positions == "from:4":  # row 1 reaches token 4 at its second generated token
+        assert changed(rd, torch.randn(2, 1, 4)) == [[1], [1]]
+
+
+def test_from_k_needs_lengths_and_bad_positions_are_refused():
+    with pytest.raises(ValueError, match="lengths"):
+        row_deltas([(0, 1.0, torch.ones(4))], "from:2")
+    with pytest.raises(ValueError, match="use all, prompt, generated or from:K"):
+        row_deltas([(0, 1.0, torch.ones(4))], "from:-1", lengths=[3])
+
+
+def reference_greedy(model, prompt, layer, v, alpha, mode, positions, steps, eos=2):
+    """Greedy tokens of one row, recomputing the whole sequence each step, steering by hand."""
+    ids = list(prompt)
+    n = len(prompt)
+    for _ in range(steps):
+        t = len(ids)
+        if positions == "all":
+            sel = list(range(t))
+        elif positions == "prompt":
+            sel = list(range(n))
+        elif positions == "generated":
+            sel = list(range(n - 1, t))
+        else:
+            sel = list(range(int(positions.split(":")[1]), t))
+
+        def hook(module, args, out, sel=sel):  # noqa: ARG001
+            out = out.clone()
+            out[:, sel] = plain_mode(out[:, sel], v, alpha, mode)
+            return out
+
+        handle = get_layers(model)[layer].register_forward_hook(hook)
+        try:
+            with torch.inference_mode():
+                tok = int(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax())
+        finally:
+            handle.remove()
+        if tok == eos:
+            break
+        ids.append(tok)
+    return ids[n:]
+
+
+@pytest.mark.parametrize("positions", ["prompt", "from:3", "generated"])
+def test_generation_steers_positions_as_a_full_recompute_does(tiny, tokenizer, positions):
+    """KV-cache generation of a mixed batch (prompt lengths, modes) == per-row full recompute."""
+    prompts = ["Tell me about your weekend.", "Hi", "What is a good breakfast today, do you think?"]
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    v = torch.randn(32) * 3
+    rows = [(1, 2.0, v, m) for m in MODE_ROWS[:3]]
+    gen = OmegaConf.structured(GenerationConfig(max_new_tokens=6))
+    out = generate_rows(tiny, tokenizer, ids, rows, gen, positions=positions)
+    for p, row, comp in zip(ids, rows, out, strict=True):
+        assert comp.token_ids == reference_greedy(tiny, p, 1, v, 2.0, row[3], positions, 6), (positions, row[3])
+    plain = generate_rows(tiny, tokenizer, ids, [(1, 0.0, v)] * 3, gen)
+    assert [c.token_ids for c in out] != [c.token_ids for c in plain]  # the steering did something
+
+
+def test_mixed_modes_generate_like_single_rows(tiny, tokenizer):
+    prompts = ["Tell me about your weekend.", "Hi"]
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    vec = {1: torch.randn(32) * 2, 2: torch.randn(32) * 2}
+    rows = [(layer, 2.0, vec[layer], m) for layer in (1, 2) for m in MODE_ROWS] + [(1, 0.0, vec[1], "ablate")]
+    cells = [(i, r) for i in range(len(ids)) for r in rows]
+    gen = OmegaConf.structured(GenerationConfig(max_new_tokens=8))
+    for positions in ("all", "from:2"):
+        batch = generate_rows(tiny, tokenizer, [ids[i] for i, _ in cells], [r for _, r in cells], gen,
+                              positions=positions)  # fmt: skip
+        for (i, r), comp in zip(cells, batch, strict=True):
+            single = generate_rows(tiny, tokenizer, [ids[i]], [r], gen, positions=positions)[0]
+            assert comp.token_ids == single.token_ids, (positions, i, r[0], r[1], r[3])
+        assert len({tuple(c.token_ids) for c in batch}) > len(prompts)
+
+
+def test_rows_leaving_the_decode_loop_keep_their_modes(tiny, tokenizer, monkeypatch):
+    """Rows stop at scattered steps (one token in 12 ends a row), so finished rows leave the batch
+    (`RowDelta.keep`): every row, whatever its mode, layer and start token, equals its single run."""
+    kept: list[int] = []
+    real_keep = RowDelta.keep
+
+    def spy(self, rows):  # the real keep, counted
+        kept.append(len(rows))
+        real_keep(self, rows)
+
+    monkeypatch.setattr(RowDelta, "keep", spy)
+    tiny.generation_config.eos_token_id = [tokenizer.eos_token_id, *range(1, tiny.config.vocab_size, 12)]
+    prompts = ["Tell me about your weekend.", "Hi", "What is a good breakfast today, do you think?"]
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    vec = {1: torch.randn(32) * 2, 3: torch.randn(32) * 2}
+    rows = [(layer, 2.0, vec[layer], m) for layer in (1, 3) for m in MODE_ROWS]
+    cells = [(i, r) for i in range(len(ids)) for r in rows]
+    gen = OmegaConf.structured(GenerationConfig(max_new_tokens=16))
+    batch = generate_rows(tiny, tokenizer, [ids[i] for i, _ in cells], [r for _, r in cells], gen, positions="from:2")
+    stops = [c.n_new_tokens for c in batch if c.stop_reason == "eos"]
+    assert len(set(stops)) > 2 and len(stops) < len(cells)  # rows really left at different steps
+    assert kept and min(kept) < len(cells)  # and the steering state followed them out
+    for (i, r), comp in zip(cells, batch, strict=True):
+        single = generate_rows(tiny, tokenizer, [ids[i]], [r], gen, positions="from:2")[0]
+        assert (comp.token_ids, comp.stop_reason) == (single.token_ids, single.stop_reason), (i, r[0], r[3])
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction methods against scikit-learn
+
+
+PAIRS = load_pairs("sentiment_pairs")[:10]
+
+
+def independent_activations(model, tokenizer, texts, layer):
+    rows = []
+    for t in texts:  # one at a time, unpadded; hidden_states[L + 1] is the output of layer L
+        ids = tokenizer(t, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            rows.append(model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1][0, -1])
+    return torch.stack(rows).double().numpy()
+
+
+def sklearn_direction(method, pos, neg):
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+
+    md = pos.mean(0) - neg.mean(0)
+    if method == "mean_diff":
+        return md
+    if method == "pca_diff":
+        d = PCA(n_components=1).fit(pos - neg).components_[0]
+    elif method == "pca_center":
+        centre = (pos + neg) / 2
+        d = PCA(n_components=1).fit(np.vstack([pos - centre, neg - centre])).components_[0]
+    else:
+        clf = LogisticRegression(C=1.0, tol=1e-12, max_iter=100_000).fit(
+            np.vstack([pos, neg]), [1] * len(pos) + [0] * len(neg)
+        )
+        d = clf.coef_[0]
+    d = d / np.linalg.norm(d)
+    return (d if d @ md >= 0 else -d) * np.linalg.norm(md)
+
+
+@pytest.mark.parametrize("method", V.METHODS)
+def test_each_method_equals_scikit_learn(tiny, tokenizer, tmp_path, method):
+    vs = V.compute_caa(tiny, tokenizer, PAIRS, [1, 2], "sentiment", batch_size=3, method=method)
+    for layer in (1, 2):
+        pos = independent_activations(tiny, tokenizer, [p["positive"] for p in PAIRS], layer)
+        neg = independent_activations(tiny, tokenizer, [p["negative"] for p in PAIRS], layer)
+        want = sklearn_direction(method, pos, neg)
+        got = vs.vectors[layer].double().numpy()
+        cos = got @ want / np.linalg.norm(got) / np.linalg.norm(want)
+        assert cos > 1 - 1e-6, (method, layer, cos)
+        assert np.linalg.norm(got) == pytest.approx(np.linalg.norm(want), rel=1e-5)
+    # the file records how the vectors were made
+    back = V.load(V.save(vs, tmp_path / "v.safetensors"))
+    assert back.method == method and back.meta["read_at"] == "last"
+    assert torch.equal(back.vectors[1], vs.vectors[1])
+
+
+def test_methods_differ_and_refuse_one_pair(tiny, tokenizer):
+    # logistic_c=100: the tiny model's activations are ~0.1 in norm, and a strongly regularised probe
+    # tends to the (centred) mean difference
+    got = {m: V.compute_caa(tiny, tokenizer, PAIRS, [2], "s", method=m, logistic_c=100.0).vectors[2]
+           for m in V.METHODS}  # fmt: skip
+    for a in V.METHODS:
+        for b in V.METHODS:
+            if a < b:
+                assert not torch.allclose(got[a], got[b], rtol=1e-3, atol=1e-4), (a, b)
+    with pytest.raises(V.VectorError, match="at least 2 pairs"):
+        V.compute_caa(tiny, tokenizer, PAIRS[:1], [2], "s", method="pca_diff")
+    with pytest.raises(V.VectorError, match="use one of mean_diff"):
+        V.compute_caa(tiny, tokenizer, PAIRS, [2], "s", method="ica")
+
+
+@pytest.mark.parametrize("read_at", ["last", "answer", "answer_mean"])
+def test_every_method_works_at_every_reading_position(tiny, tokenizer, read_at):
+    for m in V.METHODS:
+        vs = V.compute_caa(tiny, tokenizer, PAIRS[:4], [1], "s", method=m, read_at=read_at, chat_template=True)
+        assert torch.isfinite(vs.vectors[1]).all() and vs.meta["read_at"] == read_at and vs.method == m
+
+
+# ---------------------------------------------------------------------------------------------
+# Next-token KL
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "generated", "from:2"])
+def test_next_token_kl_equals_independent_computation(tiny, tokenizer, positions):
+    prompts = [tokenizer(p)["input_ids"] for p in ["Tell me about your weekend.", "Describe the sea.", "Hi there"]]
+    v, w = torch.randn(32) * 2, torch.randn(32) * 2
+    settings = [(1, 0.0, v, "add"), (1, 2.0, v, "add"), (2, 1.0, w, "ablate"), (1, 1.5, v, "norm_preserving"),
+                (2, -1.0, w, "ablate_add")]  # fmt: skip
+    got = next_token_kl(tiny, prompts, settings, pad_id=2, batch_size=4, positions=positions)
+    assert got[0] == (0.0, 0.0)
+    for (layer, alpha, vec, mode), (mean, sem) in zip(settings[1:], got[1:], strict=True):
+        kls = []
+        for p in prompts:
+            n = len(p)
+            if positions in ("all", "prompt"):  # the whole prompt is the prefill
+                start = 0
+            elif positions == "generated":
+                start = n - 1
+            else:
+                start = int(positions.split(":")[1])
+
+            def hook(module, args, out, start=start, vec=vec, alpha=alpha, mode=mode):  # noqa: ARG001
+                out = out.clone()
+                out[:, start:] = plain_mode(out[:, start:], vec, alpha, mode)
+                return out
+
+            ids = torch.tensor([p])
+            with torch.inference_mode():
+                lp = torch.log_softmax(tiny(input_ids=ids).logits[0, -1].double(), -1)
+                handle = get_layers(tiny)[layer].register_forward_hook(hook)
+                try:
+                    lq = torch.log_softmax(tiny(input_ids=ids).logits[0, -1].double(), -1)
+                finally:
+                    handle.remove()
+            kls.append(float((lq.exp() * (lq - lp)).sum()))
+        assert mean == pytest.approx(np.mean(kls), rel=1e-3, abs=1e-6), (mode, positions)  # float32 forwards
+        assert sem == pytest.approx(np.std(kls, ddof=1) / np.sqrt(len(kls)), rel=1e-2, abs=1e-7)
+        assert mean > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The real model: every method's sentiment direction steers the behaviour the expected way
+
+
+@pytest.mark.slow
+def test_each_method_moves_sentiment_behavior_on_the_embedded_model(real_model, tokenizer, capsys):
+    """Every method x mode at layer 10, alphas -1, 0, 1, scored in one batched call (rows of all
+    methods and modes side by side). pca_diff is the exception, and the test says why."""
+    pairs = load_pairs("sentiment_pairs")
+    items = load_behavior_items("sentiment_continuations")[:32]
+    enc = encode_behavior_items(tokenizer, items, "continuation", False)
+    layer, alphas, modes = 10, (-1.0, 0.0, 1.0), ("add", "ablate_add", "norm_preserving")
+    vecs = {m: V.compute_caa(real_model, tokenizer, pairs, [layer], "sentiment", method=m).vectors[layer]
+            for m in V.METHODS}  # fmt: skip
+    keys = [(m, mode, a) for m in V.METHODS for mode in modes for a in alphas] + [(m, "ablate", 1.0) for m in V.METHODS]
+    res = behavior_probs(real_model, enc, [(layer, a, vecs[m], mode) for m, mode, a in keys], pad_id_of(tokenizer))
+    p = {k: r[0] for k, r in zip(keys, res, strict=True)}
+    md = vecs["mean_diff"]
+    cos = {m: float(torch.nn.functional.cosine_similarity(vecs[m], md, dim=0)) for m in V.METHODS}
+    with capsys.disabled():
+        print(f"\nbehavior_prob, layer {layer}, alphas {alphas} (ablate: alpha 1); cosine with mean_diff")
+        for m in V.METHODS:
+            for mode in (*modes, "ablate"):
+                ps = [p[(m, mode, a)] for a in alphas if (m, mode, a) in p]
+                print(f"  {m:10s} {mode:15s} " + "  ".join(f"{x:.3f}" for x in ps) + f"   cos {cos[m]:.3f}")
+    base = p[("mean_diff", "add", 0.0)]
+    for m in ("mean_diff", "pca_center", "logistic"):
+        for mode in modes:
+            lo, mid, hi = (p[(m, mode, a)] for a in alphas)
+            assert lo < mid - 0.1 and hi > mid + 0.05 and hi > 0.9, (m, mode, lo, mid, hi)
+    # pca_diff (repeng's: PCA centres the differences) finds how the pairs' differences vary around
+    # their mean, nearly orthogonal to the mean itself here: it does not steer this concept
+    assert abs(cos["pca_diff"]) < 0.5
+    assert abs(p[("pca_diff", "add", 1.0)] - base) < abs(p[("mean_diff", "add", 1.0)] - base) / 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+def test_method_mode_and_positions_are_part_of_the_identity():
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from steersweep.config import register_configs
+    from steersweep.plan import identity, identity_hash
+
+    register_configs()
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    hashes = set()
+    for extra in ([], ["vectors.method=logistic"], ["steering.mode=ablate"], ["steering.positions=from:3"]):
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=extra)
+        ident = identity(cfg)
+        hashes.add(identity_hash(ident))
+        assert ident["vectors"]["method"] == cfg.vectors.method and ident["steering"]["mode"] == cfg.steering.mode
+    assert len(hashes) == 4
+
+
+def test_a_sweep_generates_in_its_configured_mode(tiny, tokenizer, embedded_dir, tmp_path):
+    """The sweep's own rows (not only the scoring) use steering.mode: each ablate row equals a
+    direct ablate decode of its cell, and differs from the add run of the same grid."""
+    import pandas as pd
+
+    import steersweep as ss
+    from steersweep.encoding import encode_prompts
+    from steersweep.vectors import load
+
+    model_dir = tmp_path / "tiny model"
+    tiny.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    common = [f"model.path={model_dir}", "model.num_hidden_layers=4", "model.dtype=float32", "prompts.limit=2",
+              "generation.max_new_tokens=6", "eval.metrics=[]", "steering.layers=[1]", "steering.alphas=[0,3]",
+              "progress=false", "report.enabled=false"]  # fmt: skip
+    tables = {}
+    for mode in ("add", "ablate"):
+        run = ss.Sweep.from_config(overrides=[*common, f"steering.mode={mode}"], run_dir=tmp_path / mode)
+        tables[mode] = pd.DataFrame(run.run()).sort_values("cell_id").reset_index(drop=True)
+    add, abl = tables["add"], tables["ablate"]
+    assert set(abl["mode"]) == {"ablate"}
+    steered = abl[abl.alpha != 0]
+    assert (steered.completion.to_numpy() != add[add.alpha != 0].completion.to_numpy()).any()
+    vs = load(tmp_path / "ablate" / "vectors.safetensors")
+    gen = OmegaConf.structured(GenerationConfig(max_new_tokens=6))
+    for _, row in steered.iterrows():
+        ids = encode_prompts(tokenizer, [row.prompt], gen)
+        direct = generate_rows(tiny, tokenizer, ids, [(1, 3.0, vs.vectors[1], "ablate")], gen)[0]
+        assert direct.text == row.completion

@@ -1,0 +1,51 @@
+"""Progress in tokens: moves within a batch, shrinks its budget when rows stop early, logs in a log."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import torch
+from omegaconf import OmegaConf
+
+from steersweep.config import GenerationConfig
+from steersweep.generation import generate_rows
+from steersweep.progress import Progress
+
+
+def test_log_lines_without_a_terminal_and_budget_of_early_stops(caplog):
+    caplog.set_level(logging.INFO, logger="steersweep")
+    p = Progress(rows=4, max_new_tokens=10, enabled=True, every_s=0.0, stream=io.StringIO())
+    assert not p.tty
+    p.step(4)  # one step, four rows
+    p.step(4, released=2 * 8)  # two rows stopped at step 2: 16 tokens of their budget will never come
+    p.rows_written(4)
+    p.set_phase("scoring behaviour at 2 settings")
+    p.close()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+    assert len(lines) >= 3
+    assert "8/24 tokens" in lines[-1] and "rows 4/4" in lines[-1] and "scoring behaviour" in lines[-1]
+    assert len(set(lines)) == len(lines)  # no line repeated at close
+
+
+def test_disabled_progress_is_silent(caplog):
+    caplog.set_level(logging.INFO, logger="steersweep")
+    p = Progress(rows=1, max_new_tokens=2, enabled=False, every_s=0.0, stream=io.StringIO())
+    p.step(1)
+    p.close()
+    assert not [r for r in caplog.records if r.getMessage().startswith("progress:")]
+
+
+def test_decode_loop_reports_every_step_and_the_budget_adds_up(tiny, tokenizer):
+    """Tokens made plus the budget released by rows that stopped early = rows x max_new_tokens."""
+    tiny.generation_config.eos_token_id = [tokenizer.eos_token_id, *range(1, tiny.config.vocab_size, 10)]
+    ids = [tokenizer(p)["input_ids"] for p in ["Hello there.", "Describe the sea.", "Hi", "A long day at work."]]
+    steps: list[tuple[int, int, int]] = []
+    gen = OmegaConf.structured(GenerationConfig(max_new_tokens=12))
+    v = torch.randn(32) * 3
+    out = generate_rows(tiny, tokenizer, ids, [(1, 1.0, v), (2, 2.0, v), (1, -1.0, v), (3, 1.5, v)], gen,
+                        on_step=lambda t, f, s: steps.append((t, f, s)))  # fmt: skip
+    assert [s for _, _, s in steps] == list(range(len(steps)))  # called once per step, in order
+    accounted = sum(t + f * (12 - s - 1) for t, f, s in steps)
+    assert accounted == 4 * 12
+    assert sum(f for _, f, _ in steps) == sum(c.stop_reason == "eos" for c in out) > 0
