@@ -49,3 +49,16 @@ def test_decode_loop_reports_every_step_and_the_budget_adds_up(tiny, tokenizer):
     accounted = sum(t + f * (12 - s - 1) for t, f, s in steps)
     assert accounted == 4 * 12
     assert sum(f for _, f, _ in steps) == sum(c.stop_reason == "eos" for c in out) > 0
+
+
+def test_scoring_reports_every_forward_batch(tiny, tokenizer):
+    """Long scoring phases move the progress line: one call per forward batch, ending at the total."""
+    from steersweep import metrics as M
+
+    ids = [tokenizer(p)["input_ids"] for p in ["One.", "Two words.", "Three more words.", "Four", "Five!"]]
+    calls: list[tuple[int, int]] = []
+    with M.on_batches(lambda done, total: calls.append((done, total))):
+        M.perplexities(tiny, ids, [[5, 6, 7]] * len(ids), tokenizer.pad_token_id, batch_size=2)
+    assert calls == [(2, 5), (4, 5), (5, 5)]
+    M.perplexities(tiny, ids, [[5, 6, 7]] * len(ids), tokenizer.pad_token_id, batch_size=2)
+    assert len(calls) == 3  # outside the block nobody is told

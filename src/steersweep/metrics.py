@@ -18,9 +18,11 @@ Every forward here is left-padded with position ids that follow the mask (`encod
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -96,6 +98,28 @@ def masked_row_deltas(rows: Sequence[tuple], mask: torch.Tensor) -> dict[int, Ma
     return {layer: MaskedRowDelta(rd, mask) for layer, rd in row_deltas(rows).items()}
 
 
+_ON_BATCH: contextvars.ContextVar[Callable[[int, int], None] | None] = contextvars.ContextVar(
+    "steersweep_on_batch", default=None
+)
+
+
+@contextlib.contextmanager
+def on_batches(fn: Callable[[int, int], None]) -> Iterator[None]:
+    """Call `fn(sequences done, sequences in all)` after every forward batch of the scoring
+    functions run inside the block (the sweep's progress line moves during long scoring phases)."""
+    token = _ON_BATCH.set(fn)
+    try:
+        yield
+    finally:
+        _ON_BATCH.reset(token)
+
+
+def batch_done(done: int, total: int) -> None:
+    fn = _ON_BATCH.get()
+    if fn is not None:
+        fn(done, total)
+
+
 @torch.inference_mode()
 def score_tails(
     model,
@@ -137,6 +161,7 @@ def score_tails(
         for i, n in enumerate(k):
             out.append(lp[i, keep - 1 - n :].tolist())
             alt_out.append(None if alt[i] is None else float(logp[i, keep - 1 - n, int(alt[i])]))
+        batch_done(s + len(chunk), len(seqs))
     return out, alt_out
 
 
@@ -326,6 +351,7 @@ def next_token_kl(
             with steer(model, masked_row_deltas(rows, mask) if rows else {}, layers_path):
                 logits = model(**{n: v.to(device) for n, v in inputs.items()}, logits_to_keep=1).logits
             out.append(torch.log_softmax(logits[:, -1].double(), dim=-1).cpu())  # small KLs: no cancellation
+            batch_done(s + len(rows or seqs[s : s + batch_size]), len(seqs))
         return torch.cat(out)
 
     base = last_logprobs(None)  # [P, V]

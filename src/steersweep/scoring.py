@@ -46,6 +46,7 @@ class Scorer:
         self.kl = folder.setting_done("next_token_kl") if "next_token_kl" in self.names else None
         self.labels = {"concept": vs.concept, "method": vs.method, "mode": cfg.steering.mode}  # constant per run
         self.on_phase = lambda phase: None  # progress: told what scoring runs now
+        self.label = ""
         self.judge = None
         if cfg.eval.judge is not None:
             from .judge import Judge
@@ -55,10 +56,19 @@ class Scorer:
         self.vec_ids = {layer: vs.vector_id(layer) for layer in vs.vectors}
         self.norms = {layer: vs.norm(layer) for layer in vs.vectors}
 
+    def phase(self, label: str) -> None:
+        self.label = label
+        self.on_phase(label)
+
     def rows(self, batch: Batch, outs: list[G.Completion], seconds: float, worker: str) -> list[dict]:
+        """The rows of a finished batch, every metric scored (progress told per forward batch)."""
+        with M.on_batches(lambda done, total: self.on_phase(f"{self.label}: {done}/{total} sequences")):
+            return self._rows(batch, outs, seconds, worker)
+
+    def _rows(self, batch: Batch, outs: list[G.Completion], seconds: float, worker: str) -> list[dict]:
         cfg, cells = self.cfg, batch.cells
         if "perplexity" in self.names:
-            self.on_phase(f"scoring perplexity of {len(cells)} rows")
+            self.phase(f"scoring perplexity of {len(cells)} rows")
         ppl = (
             with_backoff(lambda bs: M.perplexities(  # OOM: halve the scoring batch (memory.with_backoff)
                 self.model, [self.prompt_ids[c.prompt_id] for c in cells], [o.token_ids for o in outs],
@@ -68,12 +78,12 @@ class Scorer:
         if self.behavior is not None:
             new = sorted({(c.layer, c.alpha) for c in cells} - set(self.behavior))
             if new:
-                self.on_phase(f"scoring behaviour at {len(new)} settings")
+                self.phase(f"scoring behaviour at {len(new)} settings")
                 self.behavior.update(self.behavior_table(new))
         if self.kl is not None:  # next-token KL from the unsteered model: once per setting, like behavior_prob
             new = sorted({(c.layer, c.alpha) for c in cells} - set(self.kl))
             if new:
-                self.on_phase(f"scoring next-token KL at {len(new)} settings")
+                self.phase(f"scoring next-token KL at {len(new)} settings")
                 self.kl.update(self.kl_table(new))
         judged = self.judge.score([c.prompt for c in cells], [o.text for o in outs]) if self.judge else None
         rows = []
