@@ -60,6 +60,6 @@ def test_a_failing_rank_makes_every_rank_exit_with_its_error(tmp_path):
     r = torchrun(run_dir, 29535, {"STEERSWEEP_FAULT_RANK": "1", "STEERSWEEP_FAULT_OOM_BATCH": "1000"}, timeout=600)
     assert r.returncode != 0
     out = r.stdout + r.stderr
-    assert "out of memory (injected" in out
+    assert "CUDA out of memory. Tried to allocate 2.00 GiB (injected" in out
     assert "data-parallel rank 1 failed" in out  # rank 0's own message
     assert not (run_dir / "results.parquet").exists()

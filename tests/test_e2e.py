@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -45,19 +46,22 @@ def test_default_run_writes_every_row(default_run):
     for col in ("behavior_prob", "perplexity", "word_rate_positive", "distinct_2", "alpha_rel"):
         assert df[col].notna().all(), col
     zero = df[df.alpha == 0]
-    # alpha 0 rows are unsteered: identical completions whatever the layer
-    assert (zero.groupby("prompt_id").completion.nunique() == 1).all()
+    # alpha 0 rows are unsteered: identical completions whatever the layer, within a planned batch
+    # (across batches only in float32: in bf16 the batch's shape changes the numbers)
+    assert (zero.groupby(["batch_id", "prompt_id"]).completion.nunique() == 1).all()
+    if json.loads((run_dir / "manifest.json").read_text())["dtype"]["used"] == "float32":
+        assert (zero.groupby("prompt_id").completion.nunique() == 1).all()
     assert (run_dir / "manifest.json").is_file() and (run_dir / "vectors.safetensors").is_file()
 
 
 def test_token_never_written(default_run):
     run_dir, r = default_run
     assert SECRET not in r.stdout + r.stderr
-    hydra_dir = re.search(r"hydra output dir: (\S+)", r.stdout + r.stderr).group(1)
-    for folder in (run_dir, Path(hydra_dir)):
-        for f in folder.rglob("*"):
-            if f.is_file():
-                assert SECRET.encode() not in f.read_bytes(), f
+    log = Path(re.search(r"log: (\S+\.log)", r.stdout + r.stderr).group(1))
+    assert log.is_relative_to(run_dir)  # the run's log lives in its folder: scanned below
+    for f in run_dir.rglob("*"):
+        if f.is_file():
+            assert SECRET.encode() not in f.read_bytes(), f
 
 
 def test_positive_alpha_raises_positive_words_and_behavior(default_run):

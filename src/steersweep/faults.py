@@ -15,6 +15,8 @@ import os
 import time
 from collections import Counter
 
+import torch
+
 _raised: Counter = Counter()
 
 
@@ -29,4 +31,7 @@ def fault_point(name: str) -> None:
     ooms = int(os.environ.get(f"STEERSWEEP_FAULT_OOM_{key}", "0") or 0)
     if _raised[key] < ooms:
         _raised[key] += 1
-        raise RuntimeError(f"CUDA out of memory (injected at fault point {key}, {_raised[key]} of {ooms})")
+        # what PyTorch raises (type and message), so the back-off sees exactly what a real one shows
+        raise torch.OutOfMemoryError(
+            f"CUDA out of memory. Tried to allocate 2.00 GiB (injected at fault point {key}, {_raised[key]} of {ooms})"
+        )
