@@ -197,6 +197,7 @@ def _decode(model, input_ids, mask, gen, sampler, cache, pad, eos, deltas, on_st
     from .encoding import position_ids
 
     cache_arg = cache_argument(model)
+    keep_last = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}  # older heads return all
     n = input_ids.shape[0]
     min_new = int(getattr(model.generation_config, "min_new_tokens", None) or 0)
     eos_list = sorted(eos)
@@ -211,7 +212,7 @@ def _decode(model, input_ids, mask, gen, sampler, cache, pad, eos, deltas, on_st
     stopped = [False] * n  # per batch row: emitted EOS (still in the batch until compaction)
     for step in range(gen.max_new_tokens):
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
-                    logits_to_keep=1, **{cache_arg: cache})  # fmt: skip
+                    **{cache_arg: cache}, **keep_last)  # fmt: skip
         cache = cache_of(out)
         logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
         del out
@@ -251,11 +252,16 @@ def _decode(model, input_ids, mask, gen, sampler, cache, pad, eos, deltas, on_st
     return [(t, s) for t, s in zip(tokens, stops, strict=True)]
 
 
-def cache_argument(model) -> str:
-    """The forward keyword of the KV cache: `cache` from transformers 5.24, `past_key_values` before."""
+def accepts(model, name: str) -> bool:
+    """Whether the model's forward takes keyword `name`."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return name in inspect.signature(model.forward).parameters
+
+
+def cache_argument(model) -> str:
+    """The forward keyword of the KV cache: `cache` from transformers 5.24, `past_key_values` before."""
+    return "cache" if accepts(model, "cache") else "past_key_values"
 
 
 def cache_of(out):
