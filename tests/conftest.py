@@ -35,6 +35,16 @@ def tiny():
     return tiny_llama()
 
 
+def tiny_checkpoint(folder: Path, embedded_dir: Path, model=None) -> Path:
+    """A tiny random Llama saved as a checkpoint folder with the embedded model's real tokenizer
+    (runs through the CLI or `ss.Sweep` with `model.path=<folder>`, `model.num_hidden_layers=4`)."""
+    from transformers import AutoTokenizer
+
+    (model if model is not None else tiny_llama()).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(embedded_dir).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
     from steersweep.embedded import DEFAULT_MODEL_DIR, prepare

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_checkpoint
 from omegaconf import OmegaConf
 
 from steersweep import vectors as V
@@ -452,9 +453,7 @@ def test_a_sweep_generates_in_its_configured_mode(tiny, tokenizer, embedded_dir,
     from steersweep.encoding import encode_prompts
     from steersweep.vectors import load
 
-    model_dir = tmp_path / "tiny model"
-    tiny.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = tiny_checkpoint(tmp_path / "tiny model", embedded_dir, tiny)
     common = [f"model.path={model_dir}", "model.num_hidden_layers=4", "model.dtype=float32", "prompts.limit=2",
               "generation.max_new_tokens=6", "eval.metrics=[]", "steering.layers=[1]", "steering.alphas=[0,3]",
               "progress=false", "report.enabled=false"]  # fmt: skip

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, tiny_llama
+from conftest import ROOT, tiny_checkpoint
 
 from steersweep import vectors as V
 
@@ -33,12 +33,8 @@ def umask_mode() -> int:
 @pytest.fixture(scope="module")
 def tiny_cli_run(tmp_path_factory, embedded_dir):
     """`python run_experiment.py` on a tiny random Llama (embedded tokenizer), from a clean folder."""
-    from transformers import AutoTokenizer
-
     tmp = tmp_path_factory.mktemp("papercuts")
-    model_dir = tmp / "tiny"
-    tiny_llama().save_pretrained(model_dir)
-    AutoTokenizer.from_pretrained(embedded_dir).save_pretrained(model_dir)
+    model_dir = tiny_checkpoint(tmp / "tiny", embedded_dir)
     cwd = tmp / "cwd"
     cwd.mkdir()
     r = cli(

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import websocket
-from conftest import ROOT, tiny_llama
+from conftest import ROOT, tiny_checkpoint
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 HOSTILE = "</script><script>window.pwned = 1</script> <!-- & <b>bold</b>"
@@ -134,14 +134,10 @@ def choose(page: Page, select_id: str, value: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, embedded_dir):
     """Two real sweeps (different alphas) of a tiny Llama that speaks the embedded tokenizer."""
-    from transformers import AutoTokenizer
-
     import steersweep as ss
 
     tmp = tmp_path_factory.mktemp("report-html")
-    model_dir = tmp / "tiny model"
-    tiny_llama().save_pretrained(model_dir)
-    AutoTokenizer.from_pretrained(embedded_dir).save_pretrained(model_dir)
+    model_dir = tiny_checkpoint(tmp / "tiny model", embedded_dir)
     common = [f"model.path={model_dir}", "model.num_hidden_layers=4", "model.dtype=float32", "prompts.limit=3",
               "generation.max_new_tokens=8", "eval.behavior_limit=4", "steering.layers=[1,2]", "progress=false"]  # fmt: skip
     dirs = []
