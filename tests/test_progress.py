@@ -51,6 +51,28 @@ def test_decode_loop_reports_every_step_and_the_budget_adds_up(tiny, tokenizer):
     assert sum(f for _, f, _ in steps) == sum(c.stop_reason == "eos" for c in out) > 0
 
 
+def test_prompt_pass_reports_each_layer_and_leaves_tokens_unchanged(tiny, tokenizer):
+    """The first forward (every prompt of the batch) ticks once per decoder layer, with and without the
+    shared prefix, and the ticks change nothing in the rows; the detail shows in the log line."""
+    ids = [tokenizer(p)["input_ids"] for p in ["Hello there.", "Describe the sea at night."]]
+    gen = OmegaConf.structured(GenerationConfig(max_new_tokens=5))
+    v = torch.randn(32) * 3
+    rows = [(1, 1.0, v), (2, -1.0, v)]
+    n = tiny.config.num_hidden_layers
+    for positions, passes in [("all", 1), ("generated", 2)]:  # generated: shared prefix, then last token
+        ticks: list[tuple[int, int]] = []
+        plain = generate_rows(tiny, tokenizer, ids, rows, gen, positions=positions)
+        ticked = generate_rows(tiny, tokenizer, ids, rows, gen, positions=positions,
+                               on_layer=lambda i, k: ticks.append((i, k)))  # fmt: skip
+        assert [c.token_ids for c in ticked] == [c.token_ids for c in plain]
+        assert ticks == [(i, n) for i in range(1, n + 1)] * passes
+    p = Progress(2, 5, stream=io.StringIO(), every_s=0.0)
+    p.detail("prompt pass, layer 1/2")
+    assert "generating (prompt pass, layer 1/2)" in p.line()
+    p.step(2)
+    assert "prompt pass" not in p.line()
+
+
 def test_scoring_reports_every_forward_batch(tiny, tokenizer):
     """Long scoring phases move the progress line: one call per forward batch, ending at the total."""
     from steersweep import metrics as M

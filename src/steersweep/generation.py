@@ -9,6 +9,7 @@ re-sharded sweep reproduces the same samples.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from transformers import (
 
 from .config import GenerationConfig
 from .encoding import encode_prompts  # noqa: F401 (moved to encoding; re-exported for callers)
-from .hooks import row_deltas, row_key, steer
+from .hooks import contiguous_head, get_layers, row_deltas, row_key, steer
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ def generate_rows(
     shared_prefill: bool = True,
     engine: str = "loop",
     on_step: Callable[[int, int, int], None] | None = None,
+    on_layer: Callable[[int, int], None] | None = None,
 ) -> list[Completion]:
     """Generate a batch of rows in one decode, each steered by its own (layer, alpha, vector).
 
@@ -120,6 +122,8 @@ def generate_rows(
             call (static batching: finished rows are decoded until the last row ends). Token-equal
             in float32 (tests/test_generation.py).
         on_step: called after every decoding step with (tokens made, rows finished, step index).
+        on_layer: called after each decoder layer of the prompt pass with (layer done, layers): the
+            first forward of a large batch reads every prompt and can take seconds.
 
     Identical rows are generated once: alpha 0 is the same unsteered completion whatever the
     layer, so a sweep over L layers would otherwise decode each greedy baseline L times.
@@ -136,7 +140,7 @@ def generate_rows(
         out = generate_rows(
             model, tokenizer, [prompt_ids[i] for i in idx], [steering[i] for i in idx], gen,
             [seeds[i] for i in idx] if seeds is not None else None, positions, layers_path, shared_prefill,
-            engine, on_step,
+            engine, on_step, on_layer,
         )  # fmt: skip
         by_key = dict(zip(first, out, strict=True))
         return [by_key[k] for k in keys]
@@ -144,6 +148,7 @@ def generate_rows(
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if gen.do_sample and seeds is None:
         raise ValueError("sampling needs one seed per row")
+    contiguous_head(model)  # a model loaded elsewhere (the Python API) may be frozen too
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids, mask = left_pad(prompt_ids, pad)
     device = model.get_input_embeddings().weight.device
@@ -151,14 +156,15 @@ def generate_rows(
     sampler = RowSeededSampler(seeds, gen.temperature, gen.top_p, device) if gen.do_sample else None
     cache = None
     if positions == "generated" and shared_prefill and input_ids.shape[1] > 1:
-        cache = _shared_prefix_cache(model, prompt_ids, pad, device)
+        with _layer_ticks(model, layers_path, on_layer):
+            cache = _shared_prefix_cache(model, prompt_ids, pad, device)
     deltas = row_deltas(steering, positions, [len(p) for p in prompt_ids])  # lengths: positions from:K
     with steer(model, deltas, layers_path):
         if engine == "generate":
             rows = _generate(model, input_ids.to(device), mask.to(device), gen, sampler, cache, pad, eos)
         else:
             rows = _decode(model, input_ids.to(device), mask.to(device), gen, sampler, cache, pad, eos,
-                           list(deltas.values()), on_step)  # fmt: skip
+                           list(deltas.values()), on_step, lambda: _layer_ticks(model, layers_path, on_layer))  # fmt: skip
     return [Completion(tokenizer.decode(r, skip_special_tokens=True), r, len(r), stop) for r, stop in rows]
 
 
@@ -184,7 +190,9 @@ def _generate(model, input_ids, mask, gen, sampler, cache, pad, eos) -> list[tup
     return rows
 
 
-def _decode(model, input_ids, mask, gen, sampler, cache, pad, eos, deltas, on_step) -> list[tuple[list[int], str]]:
+def _decode(
+    model, input_ids, mask, gen, sampler, cache, pad, eos, deltas, on_step, prompt_ticks=None
+) -> list[tuple[list[int], str]]:
     """Greedy (or Gumbel-sampled) decoding with a KV cache that drops finished rows.
 
     Each step does what `generate` does for one token (float32 logits of the last position,
@@ -192,7 +200,7 @@ def _decode(model, input_ids, mask, gen, sampler, cache, pad, eos, deltas, on_st
     rows have stopped they leave the batch (the cache, the mask, the steering deltas and the
     sampler's generators keep the other rows), and mask columns that no live row attends to are
     trimmed. Which rows leave when is a function of the batch alone, so a batch decodes the same way
-    on every run.
+    on every run. `prompt_ticks()`: a context around the first (prompt) forward, for progress.
     """
     from .encoding import position_ids
 
@@ -211,8 +219,9 @@ def _decode(model, input_ids, mask, gen, sampler, cache, pad, eos, deltas, on_st
     live = list(range(n))  # original row index of each batch row
     stopped = [False] * n  # per batch row: emitted EOS (still in the batch until compaction)
     for step in range(gen.max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
-                    **{cache_arg: cache}, **keep_last)  # fmt: skip
+        with prompt_ticks() if step == 0 and prompt_ticks is not None else contextlib.nullcontext():
+            out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
+                        **{cache_arg: cache}, **keep_last)  # fmt: skip
         cache = cache_of(out)
         logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
         del out
@@ -250,6 +259,26 @@ def _decode(model, input_ids, mask, gen, sampler, cache, pad, eos, deltas, on_st
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
         step_pos = step_pos[:, -1:] + 1
     return [(t, s) for t, s in zip(tokens, stops, strict=True)]
+
+
+@contextlib.contextmanager
+def _layer_ticks(model, layers_path: str | None, on_layer: Callable[[int, int], None] | None):
+    """Call `on_layer(i, n)` after decoder layer i (1-based) of n, while the context is open."""
+    if on_layer is None:
+        yield
+        return
+    layers = get_layers(model, layers_path)
+    n = len(layers)
+
+    def make(i: int):
+        return lambda *_: on_layer(i, n)  # returns None: the layer's output is unchanged
+
+    handles = [layer.register_forward_hook(make(i)) for i, layer in enumerate(layers, 1)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def accepts(model, name: str) -> bool:

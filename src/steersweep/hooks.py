@@ -325,3 +325,23 @@ def record(
     finally:
         for h in handles:
             h.remove()
+
+
+def contiguous_head(model: nn.Module) -> None:
+    """Make the output head's input contiguous (once per model; idempotent).
+
+    `logits_to_keep` hands the head a strided slice of the hidden states ([B, 1, d] out of
+    [B, T, d]). With frozen weights (`requires_grad_(False)`), torch 2.13's matmul does not fold
+    such a 3-D input into one matrix product: it expands the weight to [B, d, vocab] and copies it,
+    which cost 0.55 s for 16 rows of the embedded model (49152 x 576, bf16) against 0.005 s for the
+    contiguous input, and on a 70B model (128256 x 8192) would copy 2 GB per row in the prompt pass.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "_steersweep_contiguous", False):
+        return
+
+    def pre_hook(module: nn.Module, args: tuple):  # noqa: ARG001
+        return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+
+    head.register_forward_pre_hook(pre_hook)
+    head._steersweep_contiguous = True

@@ -21,6 +21,7 @@ import torch
 
 from .config import MemoryConfig, ModelConfig
 from .faults import fault_point
+from .hooks import contiguous_head
 from .memory import device_key, module_names, placed_on
 from .runtime import cpu_budget, watchdog
 
@@ -515,6 +516,7 @@ def load_model(model_cfg: ModelConfig, mem: MemoryConfig, gpu: int | None = None
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()
     model.requires_grad_(False)
+    contiguous_head(model)  # frozen weights + a strided last-token slice: see hooks.contiguous_head
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.generation_config.pad_token_id is None:

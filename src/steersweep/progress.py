@@ -40,6 +40,7 @@ class Progress:
         self.every_s, self.t0 = every_s, time.perf_counter()
         self.last_line, self.logged = self.t0, ""
         self.phase = "generating"
+        self.detail_text, self.last_detail = "", 0.0
         self.bar = tqdm(total=self.budget, unit="tok", desc=self.phase, disable=not self.tty, file=self.stream,
                         dynamic_ncols=True, smoothing=0.05)  # fmt: skip
         self._postfix()
@@ -47,6 +48,9 @@ class Progress:
     def step(self, tokens: int, released: int = 0) -> None:
         """`tokens` made in one decoding step; `released`: budget of rows that stopped early."""
         self.tokens += tokens
+        if self.detail_text:  # the step ended what the detail described (e.g. the prompt pass)
+            self.detail_text = ""
+            self.bar.set_description_str(self.phase, refresh=False)
         if released:
             self.budget -= released
             self.bar.total = self.budget
@@ -60,8 +64,18 @@ class Progress:
 
     def set_phase(self, phase: str) -> None:
         """Name what runs now (e.g. "scoring behaviour 3/8"): shown at once, also in a log."""
-        self.phase = phase
+        self.phase, self.detail_text = phase, ""
         self.bar.set_description_str(phase, refresh=True)
+        self._tick()
+
+    def detail(self, text: str) -> None:
+        """Show what runs inside the phase now (e.g. "prompt pass, layer 12/30"), a few times a second at
+        most: long forward passes (the first batch's prompts) would otherwise show no sign of life."""
+        now = time.perf_counter()
+        if now - self.last_detail < 0.25:
+            return
+        self.last_detail, self.detail_text = now, text
+        self.bar.set_description_str(f"{self.phase}: {text}", refresh=True)
         self._tick()
 
     def _postfix(self) -> None:
@@ -74,8 +88,9 @@ class Progress:
         left = max(self.budget - self.tokens, 0)
         eta = fmt_seconds(left / rate) if rate > 0 else "?"
         pct = 100 * self.tokens / self.budget if self.budget else 100.0
+        phase = f"{self.phase} ({self.detail_text})" if self.detail_text else self.phase
         return (
-            f"progress: {self.phase}; {self.tokens}/{self.budget} tokens ({pct:.0f}%), rows {self.rows_done}/"
+            f"progress: {phase}; {self.tokens}/{self.budget} tokens ({pct:.0f}%), rows {self.rows_done}/"
             f"{self.rows}, {rate:.0f} tok/s, elapsed {fmt_seconds(el)}, ETA {eta}"
         )
 

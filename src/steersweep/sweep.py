@@ -157,7 +157,7 @@ def generate_batches(
         return G.generate_rows(
             model, tokenizer, [prompt_ids[c.prompt_id] for c in cells], steering, gen,
             [c.seed for c in cells] if gen.do_sample else None, cfg.steering.positions, cfg.model.layers_path,
-            on_step=on_step,
+            on_step=on_step, on_layer=lambda i, n: progress.detail(f"prompt pass, layer {i}/{n}"),
         )  # fmt: skip
 
     for k, batch in enumerate(batches, 1):
