@@ -185,7 +185,6 @@ def test_quantization_without_gpu_refused(tmp_path, no_weights):
 
 TYPED = [
     ("steering.alphas=[a,b]", "steering.alphas"),
-    ("steering.layers=[ten]", "steering.layers"),
     ("generation.max_new_tokens=many", "generation.max_new_tokens"),
     ("generation.do_sample=maybe", "generation.do_sample"),
     ("steering.alpah=[1]", "alpah"),
@@ -212,9 +211,14 @@ def test_cli_wrong_type_is_one_error_line(tmp_path):
     "key, value, match",
     [
         ("steering.alphas", ["a", 1.0], r"^steering\.alphas contains 'a' \(str\): alphas are numbers"),
-        ("steering.layers", [10.5], r"^steering\.layers contains 10\.5 \(float\): layers are integers"),
+        ("steering.layers", [10.5], r"^steering\.layers takes whole numbers, not 10\.5: write steering\.layers=\[10\]"),
+        ("steering.layers", ["ten"], r"^steering\.layers contains 'ten' \(str\): use layer numbers \(10\), sets"),
+        ("steering.layers", [[10, 10]], r"^steering\.layers set \[10, 10\] repeats a layer"),
+        ("steering.layers", [10, [10]], r"^steering\.layers=\[10, \[10\]\] repeats a layer"),
+        ("steering.mode", ["add", "rotate"], r"^steering\.mode=rotate: use one of add, ablate"),
+        ("vectors.method", [], r"^vectors\.method is empty"),
     ],
-    ids=["alpha-str", "layer-float"],
+    ids=["alpha-str", "layer-float", "layer-str", "layer-set-repeat", "layer-set-dup", "mode-list", "method-empty"],
 )
 def test_wrong_type_in_untyped_config_refused(key, value, match):
     cfg = OmegaConf.create(OmegaConf.to_container(make(), resolve=True))  # no schema: as an API user builds it

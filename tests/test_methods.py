@@ -471,3 +471,173 @@ def test_a_sweep_generates_in_its_configured_mode(tiny, tokenizer, embedded_dir,
         ids = encode_prompts(tokenizer, [row.prompt], gen)
         direct = generate_rows(tiny, tokenizer, ids, [(1, 3.0, vs.vectors[1], "ablate")], gen)[0]
         assert direct.text == row.completion
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer sets, and methods and modes as grid axes (issue 13, phase B)
+
+
+def test_a_row_steering_a_set_of_layers_equals_hand_hooks_on_each(tiny):
+    """A row made of parts on several layers applies each layer's own vector and mode, as hooks
+    written by hand on those layers do; mixed with single-layer rows in one batch, it equals its own
+    single-row forward."""
+    ids = torch.randint(3, 1000, (3, 6))
+    v = {layer: torch.randn(32) * 2 for layer in range(4)}
+    multi = [(1, 1.5, v[1], "ablate_add"), (3, 1.5, v[3], "ablate_add")]
+    rows = [multi, (2, -1.0, v[2], "add"), [(layer, 1.0, v[layer], "ablate") for layer in range(4)]]
+    with steer(tiny, row_deltas(rows)):
+        batched = tiny(input_ids=ids).logits
+    for b, row in enumerate(rows):
+        with steer(tiny, row_deltas([row])):
+            single = tiny(input_ids=ids[b : b + 1]).logits
+        torch.testing.assert_close(batched[b : b + 1], single, rtol=1e-5, atol=1e-5)
+        parts = row if isinstance(row, list) else [row]
+        handles = []
+        for layer, alpha, vec, mode in parts:
+
+            def hook(module, args, out, alpha=alpha, vec=vec, mode=mode):  # noqa: ARG001
+                return plain_mode(out, vec, alpha, mode)
+
+            handles.append(get_layers(tiny)[layer].register_forward_hook(hook))
+        try:
+            ref = tiny(input_ids=ids[b : b + 1]).logits
+        finally:
+            for h in handles:
+                h.remove()
+        torch.testing.assert_close(single, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_ablating_one_direction_at_every_layer_leaves_no_component_anywhere(tiny):
+    """The refusal-ablation case: one unit direction projected out after every layer; each layer's
+    output then has no component along it (recorded after the steering hooks)."""
+    ids = torch.randint(3, 1000, (2, 7))
+    u = torch.randn(32)
+    n = len(get_layers(tiny))
+    row = [(layer, 1.0, u, "ablate") for layer in range(n)]
+    with steer(tiny, row_deltas([row, row])), record(tiny, list(range(n))) as store:
+        tiny(input_ids=ids)
+    for layer in range(n):
+        proj = store[layer][0] @ (u / u.norm())
+        assert proj.abs().max() < 1e-4, (layer, proj.abs().max())
+    with record(tiny, [n - 1]) as plain:
+        tiny(input_ids=ids)
+    assert (plain[n - 1][0] @ (u / u.norm())).abs().max() > 1e-2  # the plain model has such a component
+
+
+def test_generation_with_layer_sets_equals_single_rows(tiny, tokenizer):
+    """Per-row batching across layer sets and modes in one decode: each row equals its single-row run
+    (float32), and alpha 0 on a set is the unsteered row."""
+    ids = [tokenizer(p)["input_ids"] for p in ["Tell me about your weekend.", "Hi"]]
+    v = {layer: torch.randn(32) * 2 for layer in range(4)}
+    specs = [
+        [(1, 2.0, v[1], "add"), (2, 2.0, v[2], "add")],
+        [(1, 2.0, v[1], "ablate_add"), (2, 2.0, v[2], "ablate_add")],
+        (1, 2.0, v[1], "norm_preserving"),
+        [(layer, 1.0, v[layer], "ablate") for layer in range(4)],
+        [(1, 0.0, v[1], "add"), (2, 0.0, v[2], "add")],
+    ]
+    cells = [(i, s) for i in range(len(ids)) for s in specs]
+    gen = OmegaConf.structured(GenerationConfig(max_new_tokens=8))
+    batch = generate_rows(tiny, tokenizer, [ids[i] for i, _ in cells], [s for _, s in cells], gen)
+    for (i, s), comp in zip(cells, batch, strict=True):
+        assert comp.token_ids == generate_rows(tiny, tokenizer, [ids[i]], [s], gen)[0].token_ids
+    plain = generate_rows(tiny, tokenizer, ids, [(1, 0.0, v[1])] * 2, gen)
+    assert [batch[k * len(specs) + 4].token_ids for k in range(2)] == [c.token_ids for c in plain]
+    assert len({tuple(c.token_ids) for c in batch}) > 2 * 2
+
+
+def test_several_methods_from_one_pass_equal_each_method_alone(tiny, tokenizer):
+    pairs = load_pairs("sentiment_pairs")[:8]
+    together = V.compute_methods(tiny, tokenizer, pairs, [1, 3], "c", ["logistic", "mean_diff", "pca_diff"])
+    for method, vs in together.items():
+        alone = V.compute_caa(tiny, tokenizer, pairs, [1, 3], "c", method=method)
+        assert vs.method == method
+        for layer in (1, 3):
+            assert torch.equal(vs.vectors[layer], alone.vectors[layer]), (method, layer)
+        assert vs.resid_norms == alone.resid_norms
+    assert not torch.allclose(together["mean_diff"].vectors[1], together["pca_diff"].vectors[1])
+
+
+def grid(**steering):
+    base = {"layers": [1], "alphas": [0.0, 2.0], "samples": 1, "mode": "add"}
+    return OmegaConf.create(
+        {
+            "steering": {**base, **steering},
+            "generation": {"seed": 0},
+            "vectors": {"concept": "c", "method": "mean_diff"},
+        }
+    )
+
+
+def test_the_grid_has_every_method_mode_and_layer_set_once():
+    from steersweep.plan import cell_key, expand, layer_sets
+
+    prompts = [{"id": "p0", "prompt": "a"}, {"id": "p1", "prompt": "b"}]
+    cfg = grid(layers=[1, [1, 3], "all"], mode=["add", "ablate"])
+    cfg.vectors.method = ["mean_diff", "pca_diff"]
+    cells = expand(cfg, prompts, "h", num_layers=4)
+    assert len(cells) == 2 * 2 * 2 * 3 * 2 and len({c.cell_id for c in cells}) == len(cells)
+    assert {c.label for c in cells} == {"1", "1+3", "all"}
+    assert {c.steered_layers for c in cells} == {(1,), (1, 3), (0, 1, 2, 3)}
+    assert len({c.setting for c in cells}) == 2 * 2 * 3 * 2
+    # paired comparisons: a cell samples with the same seed under every method and mode
+    seeds = {}
+    for c in cells:
+        seeds.setdefault((c.label, c.alpha, c.prompt_id), set()).add(c.seed)
+    assert all(len(s) == 1 for s in seeds.values())
+    # a plain grid (single layers, one method, one mode) keeps the ids it had before these axes
+    plain = expand(grid(layers=[1, 2]), prompts, "h")
+    assert [c.cell_id for c in plain] == [
+        cell_key("h", layer, alpha, p["id"], 0) for p in prompts for layer in (1, 2) for alpha in (0.0, 2.0)
+    ]
+    assert layer_sets([[3, 1]]) == [("1+3", (1, 3))]
+    with pytest.raises(ValueError, match="needs the model's number of layers"):
+        layer_sets(["all"])
+
+
+def test_a_sweep_over_methods_modes_and_layer_sets(tiny, tokenizer, embedded_dir, tmp_path):
+    """One run, one model load: 2 methods x 2 modes x 2 layer sets x 2 alphas x 2 prompts. Every row
+    equals a direct decode of its cell with its own method's vectors; per-setting metrics are keyed so
+    that a second run finds them all (nothing is scored or generated again)."""
+    import json
+
+    import pandas as pd
+
+    import steersweep as ss
+    from steersweep.encoding import encode_prompts
+    from steersweep.results import RunFolder
+    from steersweep.vectors import load
+
+    model_dir = tiny_checkpoint(tmp_path / "tiny model", embedded_dir, tiny)
+    over = [f"model.path={model_dir}", "model.num_hidden_layers=4", "model.dtype=float32", "prompts.limit=2",
+            "generation.max_new_tokens=6", "eval.metrics=[behavior_prob,next_token_kl]", "eval.behavior_limit=3",
+            "steering.layers=[1,[1,3]]", "steering.alphas=[0,3]", "steering.mode=[add,ablate_add]",
+            "vectors.method=[mean_diff,pca_center]", "progress=false", "report.enabled=false"]  # fmt: skip
+    folder = tmp_path / "grid"
+    df = pd.DataFrame(ss.Sweep.from_config(overrides=over, run_dir=folder).run())
+    assert len(df) == 2 * 2 * 2 * 2 * 2 and df.cell_id.is_unique
+    assert set(df.layers) == {"1", "1+3"} and set(df.method) == {"mean_diff", "pca_center"}
+    assert set(df["mode"]) == {"add", "ablate_add"}
+    assert (df.groupby(["method", "mode", "layers", "alpha"]).size() == 2).all()
+    vsets = {
+        "mean_diff": load(folder / "vectors.safetensors"),
+        "pca_center": load(folder / "vectors-pca_center.safetensors"),
+    }
+    assert {m: vs.method for m, vs in vsets.items()} == {"mean_diff": "mean_diff", "pca_center": "pca_center"}
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert set(manifest["vectors_by_method"]) == {"mean_diff", "pca_center"}
+    gen = OmegaConf.structured(GenerationConfig(max_new_tokens=6))
+    for _, row in df.iterrows():
+        layers = [int(x) for x in row.layers.split("+")]
+        spec = [(layer, row.alpha, vsets[row.method].vectors[layer], row["mode"]) for layer in layers]
+        ids = encode_prompts(tokenizer, [row.prompt], gen)
+        assert generate_rows(tiny, tokenizer, ids, [spec], gen)[0].text == row.completion, row.cell_id
+        assert row.vector_id == "+".join(vsets[row.method].vector_id(layer) for layer in layers)
+    steered = df[df.alpha != 0]
+    assert steered.groupby(["prompt_id", "layers", "alpha"]).completion.nunique().max() > 1  # variants differ
+    assert steered.groupby(["method", "mode", "layers"]).behavior_prob.first().nunique() > 1
+    done = RunFolder(folder).behavior_done()
+    assert set(done) == {(r.layers, r.alpha, r.method, r["mode"]) for _, r in df.iterrows()}
+    again = pd.DataFrame(ss.Sweep.from_config(overrides=over, run_dir=folder).run())
+    pd.testing.assert_frame_equal(again.sort_values("cell_id").reset_index(drop=True),
+                                  df.sort_values("cell_id").reset_index(drop=True))  # fmt: skip

@@ -118,9 +118,9 @@ def test_error_is_printed_once(tmp_path):
 @pytest.mark.parametrize(
     "override, want",
     [
-        ("steering.layers=12.5", "steering.layers=12.5: steering.layers takes whole numbers, not 12.5: write steering.layers=[12]"),
-        ("steering.layers=[12.5]", "steering.layers=[12.5]: steering.layers takes whole numbers, not 12.5: write steering.layers=[12]"),
-        ("steering.layers=12", "steering.layers=12: steering.layers takes a list: write steering.layers=[12]"),
+        ("steering.layers=12.5", "steering.layers takes whole numbers, not 12.5: write steering.layers=[12]"),
+        ("steering.layers=[12.5]", "steering.layers takes whole numbers, not 12.5: write steering.layers=[12]"),
+        ("steering.layers=[[10,12.5]]", "steering.layers takes whole numbers, not 12.5: write steering.layers=[12]"),
         ("steering.alphas=2", "steering.alphas=2: steering.alphas takes a list: write steering.alphas=[2]"),
     ],
 )  # fmt: skip

@@ -63,7 +63,7 @@ def test_prompt_pass_reports_each_layer_and_leaves_tokens_unchanged(tiny, tokeni
         ticks: list[tuple[int, int]] = []
         plain = generate_rows(tiny, tokenizer, ids, rows, gen, positions=positions)
         ticked = generate_rows(tiny, tokenizer, ids, rows, gen, positions=positions,
-                               on_layer=lambda i, k: ticks.append((i, k)))  # fmt: skip
+                               on_layer=lambda i, k, ticks=ticks: ticks.append((i, k)))  # fmt: skip
         assert [c.token_ids for c in ticked] == [c.token_ids for c in plain]
         assert ticks == [(i, n) for i in range(1, n + 1)] * passes
     p = Progress(2, 5, stream=io.StringIO(), every_s=0.0)

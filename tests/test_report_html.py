@@ -182,7 +182,8 @@ def test_report_page_in_chromium(runs, browser, tmp_path):
     assert steered == want.completion.item() and unsteered == base.completion.item()
     assert steered != unsteered  # the page does not show one text twice
     shown = browser.js("[...document.querySelectorAll('#detail-columns th')].slice(3).map(t => t.textContent)")
-    assert set(shown) == set(df.columns) - {"completion", "prompt"} | {"run"}  # unknown columns too
+    # unknown columns too; `layers` (the grid axis) is derived where a table has none
+    assert set(shown) == set(df.columns) - {"completion", "prompt"} | {"run", "layers"}
     assert browser.errors() == []
 
     # the layer and alpha filters hide cells; the prompt filter narrows the choice
@@ -223,9 +224,62 @@ def test_hostile_text_stays_text(browser, tmp_path):
     browser.open(index)
     assert browser.errors() == []
     assert browser.js("typeof window.pwned") == "undefined"
+    assert browser.js("document.getElementById('variant')") is None  # one variant: no variant filter
     browser.click("td.cell[data-layer='1'][data-alpha='2']")
     assert browser.js("document.querySelector('#detail .steered .completion').textContent") == f"{HOSTILE} 1 2"
     assert browser.js("document.querySelector('#detail .prompt').textContent") == "<i>say</i> </script>"
     cells = browser.js("[...document.querySelectorAll('#detail-columns tr')].map(r => r.textContent)")
     assert "perplexityinf3" in cells and "conceptjoyjoy" in cells
+    assert browser.errors() == []
+
+
+def test_variants_and_layer_sets_in_the_browser(browser, tmp_path):
+    """Two methods x two modes x layer sets "10" and "10+14": a variant filter, and a click on a
+    multi-layer cell shows that cell's completion beside alpha 0 of the same variant and layers."""
+    from test_reporting import variant_table
+
+    from steersweep.reporting import write_report
+
+    df = variant_table()
+    # one (variant, layers) without alpha-0 rows: its baseline is another alpha-0 row of the prompt
+    gone = (df.method == "mean_diff") & (df["mode"] == "add") & (df.layers == "10+14") & (df.alpha == 0)
+    df = df[~gone].reset_index(drop=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    df.to_parquet(run / "results.parquet", index=False)
+    index = write_report(run).parent / "index.html"
+
+    browser.open(index)
+    assert browser.errors() == []
+    options = browser.js("[...document.querySelectorAll('#variant option')].map(o => o.textContent)")
+    assert options == [f"sentiment · {m} · {k}" for m in ("mean_diff", "pca_diff") for k in ("ablate_add", "add")]
+    assert browser.js("['facet-method', 'facet-mode', 'facet-concept', 'facet-layers']"
+                      ".map(i => document.getElementById(i))") == [None] * 4  # fmt: skip
+    assert browser.js("[...document.querySelectorAll('#grid tbody th')].map(t => t.textContent)") == ["10", "10+14"]
+    assert browser.js("document.querySelectorAll('#best-per-variant tbody tr').length") == 4
+
+    choose(browser, "variant", str(options.index("sentiment · pca_diff · ablate_add")))
+    choose(browser, "prompt", "p2")
+    browser.click("td.cell[data-layer='10+14'][data-alpha='2']")
+    steered = browser.js("document.querySelector('#detail .steered .completion').textContent")
+    unsteered = browser.js("document.querySelector('#detail .unsteered .completion').textContent")
+    assert steered == "pca_diff/ablate_add/10+14/2/p2"
+    assert unsteered == "pca_diff/ablate_add/10+14/0/p2"
+    title = browser.js("document.querySelector('#detail .steered h3').textContent")
+    assert title == "sentiment · pca_diff · ablate_add, layers 10+14, alpha 2"
+
+    # the same cell of another variant; then one whose layer set has no alpha-0 row
+    choose(browser, "variant", str(options.index("sentiment · mean_diff · add")))
+    assert browser.js("document.querySelector('#detail .steered .completion').textContent") == (
+        "mean_diff/add/10+14/2/p2"
+    )
+    assert browser.js("document.querySelector('#detail .unsteered .completion').textContent") == (
+        "mean_diff/add/10/0/p2"
+    )
+    assert "layer 10" in browser.js("document.querySelector('#detail .unsteered h3').textContent")
+
+    # the layer-set filter hides a row of the grid
+    browser.click("#layer-filter input[value='10+14']")
+    assert browser.js("document.querySelectorAll(\"td.cell[data-layer='10+14']\").length") == 0
+    assert browser.js("document.querySelectorAll(\"td.cell[data-layer='10']\").length") == 5
     assert browser.errors() == []

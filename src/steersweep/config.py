@@ -47,12 +47,14 @@ class MemoryConfig:
 
 @dataclass
 class SteeringConfig:
-    layers: list[int] = field(default_factory=lambda: [10])  # decoder layers whose output is steered
+    # decoder layers whose output is steered, one grid value per item: 10 (one layer), [10,14] (one cell
+    # steering both, each with its own vector) or all (every layer: e.g. directional ablation)
+    layers: Any = field(default_factory=lambda: [10])
     alphas: list[float] = field(default_factory=lambda: [0.0, 4.0])  # coefficients on the vector
     positions: str = "all"  # all | prompt (prompt only) | generated (last prompt token on) | from:K (token K on)
     # add: h + alpha v | ablate: h - (h.u)u, u = v/|v| (alpha only switches it on) | ablate_add: ablate,
     # then + alpha v | norm_preserving: h + alpha v rescaled to |h|. alpha 0 is the unsteered model in every mode.
-    mode: str = "add"
+    mode: Any = "add"  # one mode, or a list of modes: a grid axis (rows carry `mode`)
     samples: int = 1  # completions per (layer, alpha, prompt); > 1 needs generation.do_sample
 
 
@@ -66,7 +68,7 @@ class VectorsConfig:
     read_at: str = "last"  # last (token `position`) | answer (the A/B answer letter; a text's last token) | answer_mean
     # mean_diff (CAA) | pca_diff (1st PC of pair differences) | pca_center (1st PC around each pair's centre,
     # as repeng) | logistic (probe weight); all but mean_diff are scaled to the mean difference's norm
-    method: str = "mean_diff"
+    method: Any = "mean_diff"  # one method, or a list: a grid axis from one pass over the pairs (rows carry `method`)
     logistic_c: float = 1.0  # inverse L2 strength of the logistic probe (scikit-learn's C)
     chat_template: bool = False  # wrap examples in the chat template before reading activations
     normalize: bool = False  # rescale every vector to unit norm (alphas are then absolute norms)

@@ -97,10 +97,20 @@ def row_mode(row: Sequence) -> str:
     return str(row[3]) if len(row) > 3 else "add"
 
 
+def row_parts(row: Sequence) -> list[Sequence]:
+    """A row's steering as parts: a row is one part (layer, alpha, vector[, mode]) or a list of them
+    (a cell that steers several layers, each with its own vector)."""
+    if len(row) and isinstance(row[0], (tuple, list)):
+        return list(row)
+    return [row] if len(row) else []
+
+
 def row_key(row: Sequence) -> tuple | None:
     """What makes two rows steer alike: None for alpha 0 (the unsteered model in every mode)."""
-    layer, alpha, vec = row[0], float(row[1]), row[2]
-    return None if alpha == 0 else (layer, alpha, id(vec), row_mode(row))
+    keys = tuple(
+        (part[0], float(part[1]), id(part[2]), row_mode(part)) for part in row_parts(row) if float(part[1]) != 0
+    )
+    return keys or None
 
 
 class RowDelta:
@@ -238,7 +248,8 @@ def _steer_hook(rd: RowDelta):
 def row_deltas(
     rows: Sequence[tuple], positions: str = "all", lengths: Sequence[int] | None = None
 ) -> dict[int, RowDelta]:
-    """Group batch rows by layer: row b = (layer, alpha, vector[, mode]) -> {layer: RowDelta([B, H])}.
+    """Group batch rows by layer: row b = (layer, alpha, vector[, mode]), or a list of such parts on
+    several layers -> {layer: RowDelta([B, H])}.
 
     Rows on other layers get zero deltas and directions for that layer, so they pass through
     unchanged (h - (h.0)0 + 0 == h exactly). Rows with alpha 0 are unsteered in every mode.
@@ -248,13 +259,14 @@ def row_deltas(
         positions: see `parse_positions`.
         lengths: per-row prompt lengths (for positions from:K).
     """
-    if not rows:
+    every = [(b, part) for b, row in enumerate(rows) for part in row_parts(row)]
+    if not every:
         return {}
-    width = int(rows[0][2].numel())
+    width = int(every[0][1][2].numel())
     n = len(rows)
     parts: dict[int, dict[str, torch.Tensor]] = {}
-    for b, row in enumerate(rows):
-        layer, alpha, vec, mode = row[0], float(row[1]), row[2], row_mode(row)
+    for b, part in every:
+        layer, alpha, vec, mode = part[0], float(part[1]), part[2], row_mode(part)
         if mode not in MODES:
             raise ValueError(f"steering mode {mode!r}: use one of {', '.join(MODES)}")
         if alpha == 0:

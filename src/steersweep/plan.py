@@ -3,7 +3,7 @@
 - **Identity**: the config keys that define what a row means (model, vectors, decoding, the grid,
   prompts, metrics), with a short hash. The hash names the default folder and is part of every
   cell id, so rows of two configs can never be mistaken for each other.
-- **Cells** (layer x alpha x prompt x sample) in one canonical order, cut into **batches** of a
+- **Cells** (prompt x method x mode x layer set x alpha x sample) in one canonical order, cut into **batches** of a
   fixed size. The batch a row is made in is part of the plan, so rows are a function of
   (cell, plan), whatever order workers start, die or come back in.
 - **Dealing**: batch b belongs to worker `b % n_workers` over the *full* plan; only then are
@@ -49,12 +49,30 @@ class PlanError(ValueError):
 @dataclass(frozen=True)
 class Cell:
     cell_id: str
-    layer: int
+    layer: int  # the first (lowest) layer of the cell's layer set
     alpha: float
     prompt_id: str
     prompt: str
     sample: int
     seed: int
+    layers: tuple[int, ...] = ()  # every layer the cell steers (each with its own vector); () = (layer,)
+    layer_set: str = ""  # its label: "10", "10+14" or "all"; "" = str(layer)
+    method: str = "mean_diff"  # extraction method of its vectors (vectors.method)
+    mode: str = "add"  # injection mode (steering.mode)
+
+    @property
+    def steered_layers(self) -> tuple[int, ...]:
+        return self.layers or (self.layer,)
+
+    @property
+    def label(self) -> str:
+        return self.layer_set or str(self.layer)
+
+    @property
+    def setting(self) -> tuple[str, float, str, str]:
+        """What a per-setting metric (behavior_prob, next_token_kl) is a function of: the cell
+        minus its prompt and sample (see `RunFolder.setting_done`)."""
+        return (self.label, float(self.alpha), self.method, self.mode)
 
 
 @dataclass(frozen=True)
@@ -130,31 +148,72 @@ def differing_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
 # Cells and batches
 
 
-def cell_key(ident_hash: str, layer: int, alpha: float, prompt_id: str, sample: int) -> str:
-    return hashlib.sha1(f"{ident_hash}|{layer}|{alpha!r}|{prompt_id}|{sample}".encode()).hexdigest()[:16]
+def cell_key(ident_hash: str, layer: int, alpha: float, prompt_id: str, sample: int, extra: str = "") -> str:
+    return hashlib.sha1(f"{ident_hash}|{layer}|{alpha!r}|{prompt_id}|{sample}{extra}".encode()).hexdigest()[:16]
 
 
-def cell_seed(base_seed: int, concept: str, layer: int, alpha: float, prompt_id: str, sample: int) -> int:
-    """Sampling seed of a cell: its coordinates only, so a cell samples alike in any grid or folder."""
+def cell_seed(base_seed: int, concept: str, layer: int | str, alpha: float, prompt_id: str, sample: int) -> int:
+    """Sampling seed of a cell: its coordinates only, so a cell samples alike in any grid or folder.
+    Methods and modes share seeds (paired comparisons: the same noise under another steering)."""
     h = int(hashlib.sha1(f"{concept}|{layer}|{alpha!r}|{prompt_id}|{sample}".encode()).hexdigest()[:16], 16)
     return (base_seed * 1_000_003 + h) % 2**31
 
 
-def expand(cfg: DictConfig, prompts: list[dict], ident_hash: str) -> list[Cell]:
-    """prompts x layers x alphas x samples, in the canonical order.
+def as_list(value) -> list:
+    """A config value that may be one item or a list of items (steering.mode, vectors.method)."""
+    if isinstance(value, str) or not hasattr(value, "__iter__"):
+        return [value]
+    return list(value)
+
+
+def layer_sets(spec, num_layers: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
+    """`steering.layers` -> [(label, layers)]: an int is one layer, a list is one cell steering every
+    layer in it ("10+14"), "all" every decoder layer (needs `num_layers`, from the model's config)."""
+    out = []
+    for item in as_list(spec):
+        if isinstance(item, str):
+            if item != "all":
+                raise ValueError(f"steering.layers item {item!r}: use a layer number, a list of them, or all")
+            if num_layers is None:
+                raise ValueError("steering.layers=all needs the model's number of layers")
+            out.append(("all", tuple(range(num_layers))))
+        elif isinstance(item, int):
+            out.append((str(item), (int(item),)))
+        else:
+            layers = tuple(sorted(int(x) for x in item))
+            out.append(("+".join(map(str, layers)), layers))
+    return out
+
+
+def all_layers(cfg: DictConfig, num_layers: int | None = None) -> list[int]:
+    """Every layer some cell steers: the layers vectors are needed for."""
+    return sorted({layer for _, ls in layer_sets(cfg.steering.layers, num_layers) for layer in ls})
+
+
+def expand(cfg: DictConfig, prompts: list[dict], ident_hash: str, num_layers: int | None = None) -> list[Cell]:
+    """prompts x methods x modes x layer sets x alphas x samples, in the canonical order.
 
     Prompt-major: a batch then holds few distinct prompts (little padding; shared prefills and
-    the alpha-0 baseline, identical across layers, are computed once per prompt).
+    the alpha-0 baseline, identical across layers, are computed once per prompt). A grid of single
+    layers, one method and one mode keeps the cell ids it had before those axes existed.
     """
     cells = []
-    layers, alphas = [int(x) for x in cfg.steering.layers], [float(x) for x in cfg.steering.alphas]
+    sets = layer_sets(cfg.steering.layers, num_layers)
+    alphas = [float(x) for x in cfg.steering.alphas]
+    methods = [str(m) for m in as_list(cfg.vectors.get("method", "mean_diff"))]  # schema defaults: partial
+    modes = [str(m) for m in as_list(cfg.steering.get("mode", "add"))]  # configs (tests, API) plan alike
+    plain = len(methods) == 1 and len(modes) == 1 and all(len(ls) == 1 and lb != "all" for lb, ls in sets)
     for p in prompts:
-        for layer in layers:
-            for alpha in alphas:
-                for s in range(cfg.steering.samples):
-                    cid = cell_key(ident_hash, layer, alpha, p["id"], s)
-                    seed = cell_seed(cfg.generation.seed, cfg.vectors.concept, layer, alpha, p["id"], s)
-                    cells.append(Cell(cid, layer, alpha, p["id"], p["prompt"], s, seed))
+        for method in methods:
+            for mode in modes:
+                for label, layers in sets:
+                    for alpha in alphas:
+                        for s in range(cfg.steering.samples):
+                            extra = "" if plain else f"|{label}|{method}|{mode}"
+                            cid = cell_key(ident_hash, layers[0], alpha, p["id"], s, extra)
+                            seed = cell_seed(cfg.generation.seed, cfg.vectors.concept, label, alpha, p["id"], s)
+                            cells.append(Cell(cid, layers[0], alpha, p["id"], p["prompt"], s, seed, layers, label,
+                                              method, mode))  # fmt: skip
     return cells
 
 
@@ -286,7 +345,7 @@ def _plan_doc(ident: dict, ident_hash: str, size: int, cells: list[Cell], comman
         "n_cells": len(cells),
         "n_batches": -(-len(cells) // size) if cells else 0,
         # canonical order; batch b = cells[b * batch_size : (b + 1) * batch_size]
-        "cells": [[c.cell_id, c.layer, c.alpha, c.prompt_id, c.sample] for c in cells],
+        "cells": [[c.cell_id, c.layer, c.alpha, c.prompt_id, c.sample, c.label, c.method, c.mode] for c in cells],
         "command": command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -2,10 +2,12 @@
 
 The page holds the summary, every metric's pivot table with its heatmaps and curves (PNG inline as
 base64), the runs compared (`report.compare_runs`), and every row of the table as JSON for a small
-vanilla-JS completions browser (assets/report.js): pick a prompt and see its completion at every
-(layer, alpha) beside alpha 0, with the row's metrics. Columns the page does not know (a later
-`method`, `mode`, `concept`...) are shown as they come: text columns with a few values become
-filters, numeric ones metrics, and every column appears in a row's details.
+vanilla-JS completions browser (assets/report.js): pick a prompt (and, when the table holds several,
+a steering variant: concept · method · mode) and see its completion at every (layers, alpha) beside
+alpha 0 of the same variant and layers, with the row's metrics. With several variants every pivot and
+picture comes once per variant, and the summary lists each variant's best cell and the first alpha
+reaching the objective threshold. Columns the page does not know are shown as they come: text columns
+with a few values become filters, numeric ones metrics, and every column appears in a row's details.
 """
 
 from __future__ import annotations
@@ -22,7 +24,20 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from .fileio import atomic_write_bytes
-from .reporting import best_cell, metric_columns, pivot_text, summarize
+from .reporting import (
+    VARIANT_COLUMNS,
+    axis_name,
+    best_cell,
+    describe_cell,
+    layer_order,
+    layers_sort_key,
+    metric_columns,
+    summarize,
+    tidy,
+    variant_columns,
+    variant_label,
+    variants,
+)
 
 if TYPE_CHECKING:
     from .config import ReportConfig
@@ -31,7 +46,7 @@ if TYPE_CHECKING:
 # Text columns that identify or describe a row rather than split the grid: never offered as filters.
 NOT_FACETS = {
     "run_id", "cell_id", "batch_id", "prompt_id", "prompt", "completion", "worker", "hook_name",
-    "vector_id", "stop_reason",
+    "vector_id", "stop_reason", "layers",
 }  # fmt: skip
 MAX_FACET_VALUES = 30  # a text column with more distinct values is shown, not filtered on
 
@@ -57,24 +72,40 @@ def page_data(runs: Sequence[tuple[str, pd.DataFrame]]) -> dict:
 
     Returns:
         `{"n": rows, "columns": {name: [values]}, "prompts": {id: text}, "metrics": [...],
-        "facets": {column: [values]}}`; a `run` column names each row's run folder when there are
-        several.
+        "facets": {column: [values]}, "layer_order": [labels], "variants": [labels],
+        "variant_columns": [...], "row_variant": [index into variants, per row]}`; a `run` column
+        names each row's run folder when there are several; a `layers` column is derived from
+        `layer` for older tables. With one variant, `variants` holds one label; with several,
+        concept/method/mode are not offered as separate filters (the variant filter replaces them).
     """
     frames = [f.assign(run=name) if len(runs) > 1 else f for name, f in runs]
-    df = pd.concat(frames, ignore_index=True)
+    raw = pd.concat(frames, ignore_index=True)
+    df = raw.copy()
+    t = tidy(raw[[c for c in raw.columns if c in {"layer", "layers", *VARIANT_COLUMNS}]])
+    df["layers"] = t["layers"]
     keys = [k for k in ("run", "model", "prompt_id", "sample", "layer", "alpha") if k in df]
-    df = df.sort_values(keys, kind="stable").reset_index(drop=True)
+    order = df.sort_values(keys, kind="stable").index
+    df, t = df.loc[order].reset_index(drop=True), t.loc[order].reset_index(drop=True)
+    vcols = variant_columns(t)
+    found = variants(t)
+    labels = [variant_label(v) for v in found]
+    index = {v: i for i, v in enumerate(found)}
+    row_variant = [index[v] for v in t[vcols].itertuples(index=False, name=None)] if vcols else [0] * len(t)
     prompts = {str(k): str(v) for k, v in df.groupby("prompt_id", sort=True)["prompt"].first().items()}
     shown = [c for c in df.columns if c != "prompt"]
     columns = {c: [_plain(v) for v in df[c].astype(object)] for c in shown}
     facets = {}
     for c in shown:
-        if c in NOT_FACETS or pd.api.types.is_numeric_dtype(df[c]):
+        if c in NOT_FACETS or pd.api.types.is_numeric_dtype(df[c]) or (len(found) > 1 and c in vcols):
             continue
         values = sorted({str(v) for v in columns[c] if v is not None})
         if 2 <= len(values) <= MAX_FACET_VALUES:
             facets[c] = values
-    return {"n": len(df), "columns": columns, "prompts": prompts, "metrics": metric_columns(df), "facets": facets}
+    return {
+        "n": len(df), "columns": columns, "prompts": prompts, "metrics": metric_columns(df), "facets": facets,
+        "layer_order": layer_order(df["layers"]), "variants": labels, "row_variant": row_variant,
+        "variant_columns": vcols,
+    }  # fmt: skip
 
 
 def embed_json(obj: object) -> str:
@@ -93,29 +124,38 @@ def _table(p: pd.DataFrame) -> str:
     return p.to_html(escape=True, na_rep="", border=0, classes="pivot")
 
 
-def _best_text(best: pd.Series | None, rule: str, objective: str) -> str:
+def _frame(t: pd.DataFrame) -> str:
+    return t.to_html(escape=True, na_rep="", border=0, classes="pivot", index=False)
+
+
+def _best_text(best: pd.Series | None, rule: str, objective: str, show_variant: bool = False) -> str:
     if best is None:
         return f"None: {html.escape(rule)}."
     return (
-        f"By <b>{html.escape(objective)}</b> with {html.escape(rule)}: <b>layer {int(best.layer)}, alpha "
-        f"{best.alpha:g}</b> ({html.escape(objective)} = {best.objective:.3f} ± {best.ci95:.3f}, model "
+        f"By <b>{html.escape(objective)}</b> with {html.escape(rule)}: <b>{html.escape(describe_cell(best, show_variant))}"
+        f"</b> ({html.escape(objective)} = {best.objective:.3f} ± {best.ci95:.3f}, model "
         f"{html.escape(str(best.model))})."
     )
 
 
 def compare_section(runs: Sequence[tuple[str, pd.DataFrame]], cfg: ReportConfig) -> str:
-    """Runs side by side: one line per run, then per metric a (layer, alpha) x run pivot."""
+    """Runs side by side: one line per run, then per metric a ([variant,] layers, alpha) x run pivot.
+
+    Variants (concept · method · mode) stay apart: a row of a pivot is one variant's cell.
+    """
+    multi = len(variants(pd.concat([f for _, f in runs], ignore_index=True))) > 1
+    models = any(f["model"].nunique() > 1 for _, f in runs)
     parts = ['<section id="compare"><h2>Runs compared</h2>', "<table class='pivot'><tr><th>run</th>"]
     parts.append("<th>rows</th><th>models</th><th>layers</th><th>alphas</th><th>best cell</th></tr>")
     for name, f in runs:
         best, rule = best_cell(f, cfg)
         cells = [
             name, str(len(f)), ", ".join(sorted(map(str, f.model.unique()))),
-            ", ".join(str(int(x)) for x in sorted(f.layer.unique())),
+            ", ".join(layer_order(tidy(f[[c for c in f.columns if c in ("layer", "layers")]])["layers"])),
             ", ".join(f"{x:g}" for x in sorted(f.alpha.unique())),
         ]  # fmt: skip
         row = "".join(f"<td>{html.escape(c)}</td>" for c in cells)
-        parts.append(f"<tr>{row}<td>{_best_text(best, rule, cfg.objective)}</td></tr>")
+        parts.append(f"<tr>{row}<td>{_best_text(best, rule, cfg.objective, multi)}</td></tr>")
     parts.append("</table>")
     metrics = sorted(set.intersection(*(set(metric_columns(f)) for _, f in runs)))
     for metric in metrics:
@@ -123,9 +163,16 @@ def compare_section(runs: Sequence[tuple[str, pd.DataFrame]], cfg: ReportConfig)
         for name, f in runs:
             s = summarize(f, metric)
             label = f"{name} ({', '.join(sorted(map(str, s.model.unique())))})"
-            per_run.append(pivot_text(s).droplevel("model").stack().rename(label))
+            vcols = variant_columns(s)
+            s = s.assign(
+                variant=[variant_label(v) for v in s[vcols].itertuples(index=False, name=None)] if vcols else "",
+                cell=[f"{m:.3g} ± {c:.2g}" for m, c in zip(s["mean"], s["ci95"], strict=True)],
+            )
+            keys = [*(["variant"] if multi else []), *(["model"] if models else []), "layers", "alpha"]
+            per_run.append(s.groupby(keys, sort=False)["cell"].first().rename(label))
         p = pd.concat(per_run, axis=1)
-        p.index.names = ["layer", "alpha"]
+        p = p.sort_index(key=lambda ix: ix.map(layers_sort_key) if ix.name == "layers" else ix)
+        p = p.rename_axis(index={"layers": axis_name(p.index.get_level_values("layers"))})
         parts += [f"<h3>{html.escape(metric)}</h3>", _table(p)]
     parts.append("</section>")
     return "\n".join(parts)
@@ -139,6 +186,7 @@ def write_html(
     cfg: ReportConfig,
     best: tuple[pd.Series | None, str],
     sections: Sequence[Section],
+    tables: Sequence[tuple[str, str, pd.DataFrame]] = (),
 ) -> Path:
     """Write the one-page report (atomically) and return its path.
 
@@ -149,7 +197,9 @@ def write_html(
         runs: (folder name, table) per run, the report's own first.
         cfg: the report settings (objective, fluency constraint).
         best: `reporting.best_cell(df, cfg)`.
-        sections: per metric, what summary.md shows (interval note, pivot, PNGs).
+        sections: per metric, what summary.md shows (interval note; per variant a pivot and PNGs).
+        tables: (title, note, table) shown in the summary: `reporting.variant_tables` (several
+            variants only).
     """
     from .reporting import overview
 
@@ -163,20 +213,32 @@ def write_html(
         f"<header><h1>{t}</h1><nav>{' · '.join(nav)}</nav></header>",
         "<section id='summary'><h2>Summary</h2>",
         f"<p>{html.escape(overview(df))}</p>",
-        f"<p id='best'>Best cell: {_best_text(*best, cfg.objective)}</p></section>",
+        f"<p id='best'>Best cell: {_best_text(*best, cfg.objective, bool(tables))}</p>",
+    ]
+    for i, (name, note, table) in enumerate(tables):
+        tid = "best-per-variant" if i == 0 else "first-reaching"
+        body += [f"<h3>{html.escape(name)}</h3>", f"<p class='note'>{html.escape(note)}</p>",
+                 f"<div id='{tid}'>{_frame(table)}</div>"]  # fmt: skip
+    body += [
+        "</section>",
         "<section id='browser'><h2>Completions</h2>",
-        "<p class='note'>Pick a prompt; click a cell for its completion beside the same layer's alpha 0, "
-        "with all of the row's columns. Cells are shaded by the metric chosen.</p>",
+        "<p class='note'>Pick a prompt; click a cell for its completion beside alpha 0 of the same variant and "
+        "layers, with all of the row's columns. Cells are shaded by the metric chosen.</p>",
         "<div id='controls'></div><div id='grid'></div><div id='detail'></div></section>",
     ]
     for s in sections:
         body += [
             f"<section id='metric-{html.escape(s.metric)}'><h2>{html.escape(s.metric)}</h2>",
             f"<p class='note'>{html.escape(s.note)}</p>",
-            _table(s.pivot),
-            "<div class='plots'>" + "".join(_img(p, f"{s.metric}: {p.stem}") for p in s.images) + "</div>",
-            "</section>",
         ]
+        for f in s.facets:
+            if f.variant:
+                body.append(f"<h3 class='variant'>{html.escape(f.variant)}</h3>")
+            body += [
+                _table(f.pivot),
+                "<div class='plots'>" + "".join(_img(p, f"{s.metric}: {p.stem}") for p in f.images) + "</div>",
+            ]
+        body.append("</section>")
     if len(runs) > 1:
         body.append(compare_section(runs, cfg))
     page = "\n".join(

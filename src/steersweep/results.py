@@ -36,7 +36,8 @@ SCHEMA = pa.schema(
         ("cell_id", pa.string()),
         ("batch_id", pa.string()),  # the planned batch the row was generated in
         ("model", pa.string()),
-        ("layer", pa.int32()),
+        ("layer", pa.int32()),  # the first (lowest) layer of the steered set
+        ("layers", pa.string()),  # the steered set: "10", "10+14" or "all" (each layer with its own vector)
         ("hook_name", pa.string()),
         ("alpha", pa.float64()),
         ("alpha_rel", pa.float64()),
@@ -130,14 +131,15 @@ class RunFolder:
         frames, _ = self.read_parts(columns=["cell_id"])
         return set().union(*(set(f["cell_id"]) for f in frames)) if frames else set()
 
-    def behavior_done(self) -> dict[tuple[int, float], tuple[float, float]]:
-        """(layer, alpha) -> (behavior_prob, its sem) from rows already written."""
+    def behavior_done(self) -> dict[tuple[str, float, str, str], tuple[float, float]]:
+        """(layers, alpha, method, mode) -> (behavior_prob, its sem) from rows already written."""
         return self.setting_done("behavior_prob")
 
-    def setting_done(self, metric: str) -> dict[tuple[int, float], tuple[float, float]]:
-        """(layer, alpha) -> (metric, its `<metric>_sem`) from rows already written: per-setting
-        metrics (behavior_prob, next_token_kl) are scored once per folder, also across restarts."""
-        cols = ["layer", "alpha", metric, f"{metric}_sem"]
+    def setting_done(self, metric: str) -> dict[tuple[str, float, str, str], tuple[float, float]]:
+        """(layers, alpha, method, mode) -> (metric, its `<metric>_sem`) from rows already written:
+        per-setting metrics (behavior_prob, next_token_kl) are scored once per folder, also across
+        restarts (`scoring.Scorer.setting` makes the same key)."""
+        cols = ["layers", "alpha", "method", "mode", metric, f"{metric}_sem"]
         out = {}
         for p in self.part_files():
             try:
@@ -147,7 +149,7 @@ class RunFolder:
             except Exception:  # unreadable parts are reported by read_parts
                 continue
             for r in df.itertuples(index=False):
-                out[(int(r.layer), float(r.alpha))] = (float(r[2]), float(r[3]))
+                out[(str(r.layers), float(r.alpha), str(r.method), str(r.mode))] = (float(r[4]), float(r[5]))
         return out
 
     def merge(self, csv: bool = False, keep: set[str] | None = None) -> tuple[pd.DataFrame, Path]:
@@ -166,7 +168,9 @@ class RunFolder:
         df = df.drop_duplicates("cell_id", keep="first")
         if len(df) < n:
             log.warning("merge dropped %d duplicate rows (same cell written twice)", n - len(df))
-        df = df.sort_values(["layer", "alpha", "prompt_id", "sample"], kind="stable").reset_index(drop=True)
+        df = df.sort_values(
+            ["method", "mode", "layer", "layers", "alpha", "prompt_id", "sample"], kind="stable"
+        ).reset_index(drop=True)
         out = self.path / "results.parquet"
         table = pa.Table.from_pandas(df, preserve_index=False)
         atomic_write_bytes(out, lambda tmp: pq.write_table(table, tmp))

@@ -16,11 +16,18 @@ from . import generation as G
 from . import metrics as M
 from .hooks import hook_name
 from .memory import with_backoff
-from .plan import Batch
+from .plan import Batch, Cell
 from .results import RunFolder
 from .vectors import VectorSet
 
 log = logging.getLogger(__name__)
+
+
+def steering_of(cell, vsets: dict[str, VectorSet]) -> list[tuple]:
+    """A cell's per-row steering: (layer, alpha, that layer's vector of the cell's method, mode) for
+    every layer it steers (`hooks.row_deltas`)."""
+    vs = vsets[cell.method]
+    return [(layer, cell.alpha, vs.vectors[layer], cell.mode) for layer in cell.steered_layers]
 
 
 class Scorer:
@@ -31,12 +38,12 @@ class Scorer:
         cfg: DictConfig,
         model,
         tokenizer,
-        vs: VectorSet,
+        vsets: dict[str, VectorSet],
         inputs: dict,
         prompt_ids: dict[str, list[int]],
         folder: RunFolder,
     ):
-        self.cfg, self.model, self.tokenizer, self.vs, self.inputs = cfg, model, tokenizer, vs, inputs
+        self.cfg, self.model, self.tokenizer, self.vsets, self.inputs = cfg, model, tokenizer, vsets, inputs
         self.prompt_ids = prompt_ids
         self.run_id = folder.path.name
         self.names = list(cfg.eval.metrics)
@@ -44,7 +51,6 @@ class Scorer:
         self.lists = inputs.get("word_lists", {})
         self.behavior = folder.behavior_done() if "behavior_prob" in self.names else None
         self.kl = folder.setting_done("next_token_kl") if "next_token_kl" in self.names else None
-        self.labels = {"concept": vs.concept, "method": vs.method, "mode": cfg.steering.mode}  # constant per run
         self.on_phase = lambda phase: None  # progress: told what scoring runs now
         self.label = ""
         self.judge = None
@@ -52,9 +58,14 @@ class Scorer:
             from .judge import Judge
 
             self.judge = Judge(cfg.eval.judge)
-        # per-layer constants of every row (hashing a vector per row would be wasted work)
-        self.vec_ids = {layer: vs.vector_id(layer) for layer in vs.vectors}
-        self.norms = {layer: vs.norm(layer) for layer in vs.vectors}
+        # per (method, layer) constants of every row (hashing a vector per row would be wasted work)
+        self.vec_ids = {(m, layer): vs.vector_id(layer) for m, vs in vsets.items() for layer in vs.vectors}
+        self.norms = {(m, layer): vs.norm(layer) for m, vs in vsets.items() for layer in vs.vectors}
+
+    def setting(self, c: Cell) -> tuple[str, float, str, str]:
+        """The key of a per-setting metric: (layer set, alpha, method, mode) as the rows record them,
+        so `RunFolder.setting_done` finds it again after a restart."""
+        return (c.label, float(c.alpha), self.vsets[c.method].method, c.mode)
 
     def phase(self, label: str) -> None:
         self.label = label
@@ -76,24 +87,26 @@ class Scorer:
             if "perplexity" in self.names else [None] * len(cells)
         )  # fmt: skip
         if self.behavior is not None:
-            new = sorted({(c.layer, c.alpha) for c in cells} - set(self.behavior))
+            new = self._new_settings(cells, self.behavior)
             if new:
                 self.phase(f"scoring behaviour at {len(new)} settings")
                 self.behavior.update(self.behavior_table(new))
         if self.kl is not None:  # next-token KL from the unsteered model: once per setting, like behavior_prob
-            new = sorted({(c.layer, c.alpha) for c in cells} - set(self.kl))
+            new = self._new_settings(cells, self.kl)
             if new:
                 self.phase(f"scoring next-token KL at {len(new)} settings")
                 self.kl.update(self.kl_table(new))
         judged = self.judge.score([c.prompt for c in cells], [o.text for o in outs]) if self.judge else None
         rows = []
         for i, (c, o) in enumerate(zip(cells, outs, strict=True)):
-            norm, resid = self.norms[c.layer], self.vs.resid_norms.get(c.layer)
+            vs = self.vsets[c.method]  # a set of layers: norms of its first layer, ids of all
+            norm, resid = self.norms[(c.method, c.layer)], vs.resid_norms.get(c.layer)
             row = {
                 "run_id": self.run_id, "cell_id": c.cell_id, "batch_id": batch.batch_id, "model": cfg.model.name,
-                "layer": c.layer, "hook_name": hook_name(c.layer), "alpha": c.alpha,
-                "alpha_rel": c.alpha * norm / resid if resid else None,
-                "vector_id": self.vec_ids[c.layer], "vector_norm": norm, "prompt_id": c.prompt_id,
+                "layer": c.layer, "layers": c.label, "hook_name": "+".join(hook_name(x) for x in c.steered_layers),
+                "alpha": c.alpha, "alpha_rel": c.alpha * norm / resid if resid else None,
+                "vector_id": "+".join(self.vec_ids[(c.method, x)] for x in c.steered_layers),
+                "vector_norm": norm, "prompt_id": c.prompt_id,
                 "prompt": c.prompt, "sample": c.sample, "seed": c.seed, "completion": o.text,
                 "n_new_tokens": o.n_new_tokens, "stop_reason": o.stop_reason,
                 "seconds": seconds / len(cells), "worker": worker,
@@ -104,15 +117,24 @@ class Scorer:
             if judged is not None:
                 row["judge_score"] = judged[i]
             if self.behavior is not None:
-                row["behavior_prob"], row["behavior_prob_sem"] = self.behavior[(c.layer, c.alpha)]
+                row["behavior_prob"], row["behavior_prob_sem"] = self.behavior[self.setting(c)]
             if self.kl is not None:
-                row["next_token_kl"], row["next_token_kl_sem"] = self.kl[(c.layer, c.alpha)]
-            row.update(self.labels)
+                row["next_token_kl"], row["next_token_kl_sem"] = self.kl[self.setting(c)]
+            row.update(concept=vs.concept, method=vs.method, mode=c.mode)
             rows.append(row)
         return rows
 
-    def behavior_table(self, settings: list[tuple[int, float]]) -> dict:
-        """behavior_prob (mean, sem) per (layer, alpha), scored once per setting with per-row steering.
+    def _new_settings(self, cells, done: dict) -> list[tuple[tuple, list[tuple]]]:
+        """The settings of these cells not scored yet: [(setting key, its per-row steering)]."""
+        out: dict[tuple, list[tuple]] = {}
+        for c in cells:
+            key = self.setting(c)
+            if key not in done and key not in out:
+                out[key] = steering_of(c, self.vsets)
+        return sorted(out.items(), key=lambda kv: str(kv[0]))
+
+    def behavior_table(self, settings: list[tuple[tuple, list[tuple]]]) -> dict:
+        """behavior_prob (mean, sem) per setting, scored once per setting with per-row steering.
 
         Answers are scored as the suffix of the jointly encoded context + answer, steered on
         `steering.positions`; `eval.behavior_length_normalize` scores the
@@ -122,7 +144,7 @@ class Scorer:
         t0 = time.perf_counter()
         chat = G.use_chat_template(tok, cfg.generation.chat_template)
         enc = M.encode_behavior_items(tok, self.inputs["behavior_items"], cfg.eval.behavior_format, chat)
-        rows = [(layer, alpha, self.vs.vectors[layer], cfg.steering.mode) for layer, alpha in settings]
+        rows = [steering for _, steering in settings]
         norm = bool(cfg.eval.behavior_length_normalize)
         res = with_backoff(lambda bs: M.behavior_probs(
             self.model, enc, rows, M.pad_id_of(tok), bs, cfg.model.layers_path, cfg.steering.positions, norm
@@ -130,18 +152,18 @@ class Scorer:
         log.info(
             "behavior_prob for %d settings x %d items in %.1f s", len(settings), len(enc), time.perf_counter() - t0
         )
-        return dict(zip(settings, res, strict=True))
+        return dict(zip([key for key, _ in settings], res, strict=True))
 
-    def kl_table(self, settings: list[tuple[int, float]]) -> dict:
-        """next_token_kl (mean, sem) per (layer, alpha): KL(steered || unsteered) of the next-token
+    def kl_table(self, settings: list[tuple[tuple, list[tuple]]]) -> dict:
+        """next_token_kl (mean, sem) per setting: KL(steered || unsteered) of the next-token
         distribution at the last position of each sweep prompt (`metrics.next_token_kl`)."""
         cfg = self.cfg
         t0 = time.perf_counter()
         prompts = list(self.prompt_ids.values())
-        rows = [(layer, alpha, self.vs.vectors[layer], cfg.steering.mode) for layer, alpha in settings]
+        rows = [steering for _, steering in settings]
         res = with_backoff(lambda bs: M.next_token_kl(
             self.model, prompts, rows, M.pad_id_of(self.tokenizer), bs, cfg.model.layers_path, cfg.steering.positions
         ), 32, "next_token_kl")  # fmt: skip
         dt = time.perf_counter() - t0
         log.info("next_token_kl for %d settings x %d prompts in %.1f s", len(settings), len(prompts), dt)
-        return dict(zip(settings, res, strict=True))
+        return dict(zip([key for key, _ in settings], res, strict=True))

@@ -23,6 +23,8 @@ from .plan import (
     Batch,
     PlanError,
     RunPlan,
+    all_layers,
+    as_list,
     claim_plan,
     deal,
     expand,
@@ -37,9 +39,9 @@ from .plan import (
 from .plan import todo as plan_todo
 from .progress import Progress
 from .results import ResultsError, RunFolder, git_commit, host_info, package_versions
-from .scoring import Scorer
+from .scoring import Scorer, steering_of
 from .validate import ConfigError, validate_inputs, validate_model, validate_static
-from .vectors import VectorSet, compute_caa, load, mean_activation, save
+from .vectors import VectorSet, compute_methods, load, mean_activation, save
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,8 @@ def prepare(cfg: DictConfig) -> Prepared:
     folder = RunFolder(folder_for(cfg, h))
     try:
         folder.create()
-        plan = claim_plan(cfg, folder.path, expand(cfg, inputs["prompts"], h), ident, h)
+        cells = expand(cfg, inputs["prompts"], h, hf.num_hidden_layers)
+        plan = claim_plan(cfg, folder.path, cells, ident, h)
     except (ResultsError, PlanError) as e:
         raise ConfigError(str(e)) from None
     return Prepared(hf, inputs, folder, plan, shard, folder.done_cells())
@@ -104,10 +107,10 @@ def run_sweep(cfg: DictConfig, model=None, tokenizer=None, load_info: dict | Non
 
                 model, tokenizer, load_info = load_model(cfg.model, cfg.memory, gpu=dist.local_gpu)
             tokenizer.padding_side = "left"
-            vs = get_vectors(cfg, model, tokenizer, st.inputs, folder)
+            vsets = get_vectors(cfg, model, tokenizer, st.inputs, folder)
             if dist.is_main and (folder.read_manifest() is None or st.shard[0] == 0):
-                folder.write_manifest(manifest(cfg, plan, vs, load_info, st.shard))
-            written = generate_batches(cfg, model, tokenizer, vs, st.inputs, todo, folder, worker, dist.is_main)
+                folder.write_manifest(manifest(cfg, plan, vsets, load_info, st.shard))
+            written = generate_batches(cfg, model, tokenizer, vsets, st.inputs, todo, folder, worker, dist.is_main)
         except Exception as e:
             if dist.world == 1:
                 raise
@@ -119,8 +122,8 @@ def run_sweep(cfg: DictConfig, model=None, tokenizer=None, load_info: dict | Non
 
 
 def generate_batches(
-    cfg: DictConfig, model, tokenizer, vs: VectorSet, inputs: dict, batches: list[Batch], folder: RunFolder,
-    worker: str, show_progress: bool = True,
+    cfg: DictConfig, model, tokenizer, vsets: dict[str, VectorSet], inputs: dict, batches: list[Batch],
+    folder: RunFolder, worker: str, show_progress: bool = True,
 ) -> int:  # fmt: skip
     """Generate, score and write each planned batch (one part file per batch). Returns rows written.
 
@@ -140,7 +143,7 @@ def generate_batches(
     longest = max(len(prompt_ids[c.prompt_id]) for b in batches for c in b.cells) + gen.max_new_tokens
     chunk = M.rows_that_fit(model, longest, gen.max_batch_size, layers_path=cfg.model.layers_path)
     log.info("generating %d batches; up to %d rows per generate call", len(batches), chunk)
-    scorer = Scorer(cfg, model, tokenizer, vs, inputs, prompt_ids, folder)
+    scorer = Scorer(cfg, model, tokenizer, vsets, inputs, prompt_ids, folder)
     n_rows = sum(len(b.cells) for b in batches)
     progress = Progress(n_rows, gen.max_new_tokens, bool(cfg.progress and show_progress), cfg.progress_every_s)
     scorer.on_phase = progress.set_phase
@@ -153,7 +156,7 @@ def generate_batches(
         progress.step(tokens, released)
 
     def run(cells):
-        steering = [(c.layer, c.alpha, vs.vectors[c.layer], cfg.steering.mode) for c in cells]
+        steering = [steering_of(c, vsets) for c in cells]
         return G.generate_rows(
             model, tokenizer, [prompt_ids[c.prompt_id] for c in cells], steering, gen,
             [c.seed for c in cells] if gen.do_sample else None, cfg.steering.positions, cfg.model.layers_path,
@@ -195,37 +198,70 @@ def generate_batches(
 # Vectors and provenance
 
 
-def get_vectors(cfg: DictConfig, model, tokenizer, inputs: dict, folder: RunFolder) -> VectorSet:
-    """Load vectors (file, or the ones this run already computed) or compute and save them."""
-    layers = list(cfg.steering.layers)
-    saved = folder.path / "vectors.safetensors"
+def vector_path(folder: RunFolder, methods: list[str], method: str) -> Path:
+    """Where a run keeps its computed vectors: `vectors.safetensors` for the first (or only) method,
+    `vectors-<method>.safetensors` for the others."""
+    return folder.path / ("vectors.safetensors" if method == methods[0] else f"vectors-{method}.safetensors")
+
+
+def get_vectors(cfg: DictConfig, model, tokenizer, inputs: dict, folder: RunFolder) -> dict[str, VectorSet]:
+    """{method: VectorSet}: load them (a file, or the ones this run already computed) or compute the
+    missing methods in one pass over the pairs and save them."""
+    from .hooks import get_layers
+
+    layers = all_layers(cfg, len(get_layers(model, cfg.model.layers_path)))
+    methods = [str(m) for m in as_list(cfg.vectors.method)]
+    sets: dict[str, VectorSet] = {}
     if cfg.vectors.source == "file":
-        vs = inputs["vectors"]
-    elif saved.is_file() and set(layers) <= set(load(saved).vectors):
-        vs = load(saved, cfg.vectors.concept)  # resume: reuse exactly the vectors the rows were made with
+        sets[methods[0]] = inputs["vectors"]
     else:
-        t0 = time.perf_counter()
-        vs = compute_caa(
-            model, tokenizer, inputs["pairs"], layers, cfg.vectors.concept, cfg.vectors.position,
-            cfg.vectors.batch_size, cfg.vectors.chat_template, cfg.model.layers_path, cfg.model.name,
-            cfg.vectors.read_at, cfg.vectors.method, cfg.vectors.logistic_c,
-        )  # fmt: skip
-        log.info(
-            "computed %d vectors from %d pairs in %.1f s", len(layers), len(inputs["pairs"]), time.perf_counter() - t0
-        )
-        if cfg.vectors.save:
-            save(vs, saved)
-    if cfg.vectors.normalize:
-        vs = vs.normalized()
-    missing = [layer for layer in layers if layer not in vs.resid_norms]
-    if missing:  # loaded vectors without norms: measure the residual stream on the prompts
-        texts = [p["prompt"] for p in inputs["prompts"]]
-        _, norms = mean_activation(model, tokenizer, texts, missing, -1, 16, cfg.model.layers_path)
-        vs.resid_norms.update(norms)
-    return vs
+        for m in methods:
+            saved = vector_path(folder, methods, m)
+            if saved.is_file() and set(layers) <= set(load(saved).vectors):
+                sets[m] = load(saved, cfg.vectors.concept)  # resume: exactly the vectors the rows were made with
+        todo = [m for m in methods if m not in sets]
+        if todo:
+            t0 = time.perf_counter()
+            made = compute_methods(
+                model, tokenizer, inputs["pairs"], layers, cfg.vectors.concept, todo, cfg.vectors.position,
+                cfg.vectors.batch_size, cfg.vectors.chat_template, cfg.model.layers_path, cfg.model.name,
+                cfg.vectors.read_at, cfg.vectors.logistic_c,
+            )  # fmt: skip
+            log.info(
+                "computed %d vectors (%s) from %d pairs in %.1f s",
+                len(layers) * len(todo), ", ".join(todo), len(inputs["pairs"]), time.perf_counter() - t0,
+            )  # fmt: skip
+            for m, vs in made.items():
+                sets[m] = vs
+                if cfg.vectors.save:
+                    save(vs, vector_path(folder, methods, m))
+    for m, vs in sets.items():
+        if cfg.vectors.normalize:
+            vs = sets[m] = vs.normalized()
+        missing = [layer for layer in layers if layer not in vs.resid_norms]
+        if missing:  # loaded vectors without norms: measure the residual stream on the prompts
+            texts = [p["prompt"] for p in inputs["prompts"]]
+            _, norms = mean_activation(model, tokenizer, texts, missing, -1, 16, cfg.model.layers_path)
+            vs.resid_norms.update(norms)
+    return {m: sets[m] for m in methods}
 
 
-def manifest(cfg: DictConfig, plan: RunPlan, vs: VectorSet | None, load_info: dict | None, shard) -> dict:
+def manifest(cfg: DictConfig, plan: RunPlan, vsets: dict[str, VectorSet] | None, load_info: dict | None, shard) -> dict:
+    """The run's provenance. `vectors`: per layer, the vector's id, hash and norms; with several
+    methods, one such table per method (`vectors_by_method`), the first method's also under `vectors`."""
+
+    steered = sorted({layer for c in plan.cells for layer in c.steered_layers})
+
+    def table(vs: VectorSet) -> dict:
+        return {
+            str(layer): {
+                "vector_id": vs.vector_id(layer), "sha256": vs.sha256(layer), "norm": vs.norm(layer),
+                "resid_norm": vs.resid_norms.get(layer), "meta": vs.meta,
+            }
+            for layer in steered
+        }  # fmt: skip
+
+    tables = {m: table(vs) for m, vs in (vsets or {}).items()}
     return {
         "identity": plan.identity,
         "identity_hash": plan.identity_hash,
@@ -237,15 +273,10 @@ def manifest(cfg: DictConfig, plan: RunPlan, vs: VectorSet | None, load_info: di
         "shard": list(shard),
         "dtype": dtype_decision(cfg.model.dtype),
         "load": load_info,
-        "vectors": {
-            str(layer): {
-                "vector_id": vs.vector_id(layer), "sha256": vs.sha256(layer), "norm": vs.norm(layer),
-                "resid_norm": vs.resid_norms.get(layer), "meta": vs.meta,
-            }
-            for layer in cfg.steering.layers
-        } if vs else None,
+        "vectors": next(iter(tables.values())) if tables else None,
+        "vectors_by_method": tables if len(tables) > 1 else None,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }  # fmt: skip
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,14 +308,14 @@ def finish(cfg: DictConfig, folder: RunFolder, plan: RunPlan, written: int) -> d
 
 def end_summary(df, path, written: int, cfg: DictConfig, report: str | None) -> str:
     """The run's last words on the console: rows, the best (layer, alpha), where to look."""
-    from .reporting import best_cell
+    from .reporting import best_cell, describe_cell, variants
 
     lines = [f"done: {len(df)} rows in {path} ({written} written by this job)"]
     best, rule = best_cell(df, cfg.report)
     obj = cfg.report.objective
     if best is not None:
-        lines.append(f"  best by {obj}: layer {best['layer']}, alpha {best['alpha']:g} "
-                     f"(mean {obj} {best['objective']:.3g}; {rule})")  # fmt: skip
+        cell = describe_cell(best, show_variant=len(variants(df)) > 1)
+        lines.append(f"  best by {obj}: {cell} (mean {obj} {best['objective']:.3g}; {rule})")
     else:
         lines.append(f"  best by {obj}: none ({rule})")
     if report:
@@ -329,7 +360,7 @@ def status(folder: RunFolder) -> dict:
             )
     if n_missing:
         lost = [coords[c] for b in missing for c in batches[b] if c not in done]
-        layers = sorted({int(x[0]) for x in lost})
+        layers = sorted({str(x[4]) if len(x) > 4 else str(x[0]) for x in lost}, key=lambda v: (len(v), v))
         alphas = sorted({float(x[1]) for x in lost})
         prompts = sorted({str(x[2]) for x in lost})
         print(
@@ -351,11 +382,14 @@ def compute_vectors_only(cfg: DictConfig) -> dict:
 
     model, tokenizer, _ = load_model(cfg.model, cfg.memory)
     tokenizer.padding_side = "left"
-    vs = get_vectors(cfg, model, tokenizer, st.inputs, st.folder)
-    path = st.folder.path / "vectors.safetensors"
-    if not path.is_file():
-        save(vs, path)
-    for layer in cfg.steering.layers:
-        print(f"layer {layer}: |v| = {vs.norm(layer):.3f}  mean |h| = {vs.resid_norms.get(layer, float('nan')):.3f}")
-    print(f"vectors saved to {path}")
-    return {"vectors": str(path)}
+    vsets = get_vectors(cfg, model, tokenizer, st.inputs, st.folder)
+    methods = list(vsets)
+    for m, vs in vsets.items():
+        path = vector_path(st.folder, methods, m)
+        if not path.is_file():
+            save(vs, path)
+        for layer in sorted(vs.vectors):
+            print(f"{m + ' ' if len(methods) > 1 else ''}layer {layer}: |v| = {vs.norm(layer):.3f}  mean |h| = "
+                  f"{vs.resid_norms.get(layer, float('nan')):.3f}")  # fmt: skip
+        print(f"vectors saved to {path}")
+    return {"vectors": str(vector_path(st.folder, methods, methods[0]))}

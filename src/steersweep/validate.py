@@ -56,23 +56,14 @@ def validate_static(cfg: DictConfig) -> None:
             m.quantization is None or torch.cuda.is_available(),
             "model.quantization needs a CUDA GPU (bitsandbytes); set model.quantization=null on CPU",
         )
-    check(len(st.layers) > 0, "steering.layers is empty: give at least one layer, e.g. 'steering.layers=[10]'")
+    _check_layer_spec(st.layers)
     check(len(st.alphas) > 0, "steering.alphas is empty: give at least one alpha, e.g. 'steering.alphas=[0,4]'")
-    for layer in st.layers:
-        check(
-            isinstance(layer, int) and not isinstance(layer, bool),
-            f"steering.layers contains {layer!r} ({type(layer).__name__}): layers are integers, e.g. [10,14]",
-        )
     for a in st.alphas:
         check(
             isinstance(a, (int, float)) and not isinstance(a, bool),
             f"steering.alphas contains {a!r} ({type(a).__name__}): alphas are numbers, e.g. [0,4]",
         )
         check(math.isfinite(a), f"steering.alphas contains {a}: alphas must be finite numbers")
-    check(
-        len(set(st.layers)) == len(st.layers),
-        f"steering.layers={list(st.layers)} repeats a layer: list each layer once",
-    )
     check(
         len(set(st.alphas)) == len(st.alphas),
         f"steering.alphas={list(st.alphas)} repeats an alpha: list each alpha once",
@@ -82,8 +73,19 @@ def validate_static(cfg: DictConfig) -> None:
     from .vectors import METHODS
 
     check(_parses(parse_positions, st.positions), f"steering.positions={st.positions}: {POSITIONS_HELP}")
-    check(st.mode in MODES, f"steering.mode={st.mode}: use one of {', '.join(MODES)}")
-    check(vec.method in METHODS, f"vectors.method={vec.method}: use one of {', '.join(METHODS)}")
+    from .plan import as_list
+
+    for key, values, known in (("steering.mode", st.mode, MODES), ("vectors.method", vec.method, METHODS)):
+        values = as_list(values)
+        check(len(values) > 0, f"{key} is empty: give one value or a list, e.g. {key}={known[0]}")
+        for v in values:
+            check(isinstance(v, str) and v in known, f"{key}={v}: use one of {', '.join(known)} (or a list of them)")
+        check(len(set(values)) == len(values), f"{key}={values} repeats a value: list each once")
+    check(
+        vec.source == "compute" or len(as_list(vec.method)) == 1,
+        f"vectors.method={list(as_list(vec.method))} with vectors.source=file: a file holds one set of vectors; "
+        "use vectors.source=compute to compare methods",
+    )
     check(vec.logistic_c > 0, f"vectors.logistic_c={vec.logistic_c} must be > 0")
     check(st.samples >= 1, f"steering.samples={st.samples} must be >= 1")
     check(
@@ -132,6 +134,48 @@ def validate_static(cfg: DictConfig) -> None:
         )
 
 
+LAYERS_HELP = (
+    "use layer numbers (10), sets of them ([10,14]: one cell steers both) or all, e.g. steering.layers=[10,[10,14]]"
+)
+
+
+def _check_layer_spec(spec) -> None:
+    """`steering.layers`: whole numbers, lists of them, or `all`; no empty list, no repeats."""
+    from omegaconf import ListConfig
+
+    items = list(spec) if isinstance(spec, (list, ListConfig)) else [spec]
+    check(len(items) > 0, "steering.layers is empty: give at least one layer, e.g. 'steering.layers=[10]'")
+    labels = []
+    for item in items:
+        members = list(item) if isinstance(item, (list, ListConfig)) else [item]
+        if isinstance(item, (list, ListConfig)):
+            check(len(members) > 0, f"steering.layers contains an empty set []: {LAYERS_HELP}")
+        for x in members:
+            if isinstance(x, float) and not isinstance(x, bool):
+                raise ConfigError(f"steering.layers takes whole numbers, not {x!r}: write steering.layers=[{int(x)}]")
+            if isinstance(x, str) and x == "all" and not isinstance(item, (list, ListConfig)):
+                continue
+            check(
+                isinstance(x, int) and not isinstance(x, bool),
+                f"steering.layers contains {x!r} ({type(x).__name__}): {LAYERS_HELP}",
+            )
+        check(
+            len(set(members)) == len(members),
+            f"steering.layers set {list(members)} repeats a layer: list each layer once",
+        )
+        labels.append("+".join(map(str, sorted(members))) if isinstance(item, (list, ListConfig)) else str(item))
+    check(
+        len(set(labels)) == len(labels),
+        f"steering.layers={_plain(spec)} repeats a layer: list each layer once",
+    )
+
+
+def _plain(v):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+
+
 def validate_model(cfg: DictConfig, need_checkpoint: bool = True):
     """Read config.json (never weights) and check layers against it. Returns the HF config."""
     if cfg.model.path and Path(cfg.model.path).expanduser().is_dir():
@@ -150,7 +194,9 @@ def validate_model(cfg: DictConfig, need_checkpoint: bool = True):
             "model.num_hidden_layers=%s but the checkpoint's config.json says %s; using %s",
             cfg.model.num_hidden_layers, n, n,
         )  # fmt: skip
-    bad = [layer for layer in cfg.steering.layers if not 0 <= layer < n]
+    from .plan import layer_sets
+
+    bad = sorted({layer for _, ls in layer_sets(cfg.steering.layers, n) for layer in ls if not 0 <= layer < n})
     check(
         not bad,
         f"steering.layers {bad} out of range: {cfg.model.name} has {n} layers (0..{n - 1}): change steering.layers",
@@ -241,11 +287,12 @@ def validate_inputs(cfg: DictConfig, hf) -> dict:
     except data.DatasetError as e:
         raise ConfigError(str(e)) from None
     if cfg.vectors.source == "file":
+        from .plan import all_layers
         from .vectors import VectorError, load
 
         try:
             vs = load(cfg.vectors.path, None)
-            vs.validate(hf.hidden_size, hf.num_hidden_layers, list(cfg.steering.layers))
+            vs.validate(hf.hidden_size, hf.num_hidden_layers, all_layers(cfg, hf.num_hidden_layers))
         except VectorError as e:
             raise ConfigError(str(e)) from None
         out["vectors"] = vs

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -209,13 +209,18 @@ def mean_activation_at(
 ) -> tuple[dict[int, torch.Tensor], dict[int, float]]:  # fmt: skip
     """Mean over examples of the residual stream after each layer, each example averaged over its
     own token indices (left padding and mask-following positions, as `encoding.model_inputs`)."""
+    return _means(_example_rows(model, examples, layers, batch_size, layers_path), layers, len(examples))
+
+
+def _means(chunks: Iterable[dict[int, torch.Tensor]], layers: Sequence[int], n: int):
+    """(mean activation, mean norm) per layer from per-chunk activations, summed chunk by chunk: the
+    same arithmetic whether the chunks stream past (mean_diff alone) or were kept (other methods)."""
     sums: dict[int, torch.Tensor] = {}
     norm_sums = {layer: 0.0 for layer in layers}
-    for rows_of in _example_rows(model, examples, layers, batch_size, layers_path):
+    for rows_of in chunks:
         for layer, rows in rows_of.items():
             sums[layer] = rows.sum(0) if layer not in sums else sums[layer] + rows.sum(0)
             norm_sums[layer] += float(rows.norm(dim=-1).sum())
-    n = len(examples)
     return {layer: sums[layer] / n for layer in layers}, {layer: norm_sums[layer] / n for layer in layers}
 
 
@@ -329,46 +334,76 @@ def compute_caa(
         method: mean_diff | pca_diff | pca_center | logistic.
         logistic_c: inverse L2 strength of the logistic probe (scikit-learn's C).
     """
+    return compute_methods(
+        model, tokenizer, pairs, layers, concept, [method], position, batch_size, chat_template, layers_path,
+        model_name, read_at, logistic_c,
+    )[method]  # fmt: skip
+
+
+def compute_methods(
+    model,
+    tokenizer,
+    pairs: Sequence[dict],
+    layers: Sequence[int],
+    concept: str,
+    methods: Sequence[str] = ("mean_diff",),
+    position: int = -1,
+    batch_size: int = 16,
+    chat_template: bool = False,
+    layers_path: str | None = None,
+    model_name: str = "",
+    read_at: str = "last",
+    logistic_c: float = 1.0,
+) -> dict[str, VectorSet]:
+    """`compute_caa` for several methods from one pass over the pairs: {method: VectorSet}.
+
+    The activations are read once; every method's vectors come from the same numbers, and each
+    method's vectors equal those of a run with that method alone.
+    """
     if not pairs:
         raise VectorError("the contrastive dataset is empty: give at least one positive/negative pair")
     if read_at not in READ_AT:
         raise VectorError(f"vectors.read_at={read_at}: use one of {', '.join(READ_AT)}")
-    if method not in METHODS:
-        raise VectorError(f"vectors.method={method}: use one of {', '.join(METHODS)}")
-    if method != "mean_diff" and len(pairs) < 2:
-        raise VectorError(
-            f"vectors.method={method} needs at least 2 pairs (got {len(pairs)}): add pairs or use mean_diff"
-        )
-    examples = {
-        side: [example_ids(tokenizer, p, side, chat_template, read_at, position) for p in pairs]
-        for side in ("positive", "negative")
-    }
-    if method == "mean_diff":  # streamed: no [n, H] matrix kept
-        (mp, np_), (mn, nn_) = (mean_activation_at(model, examples[s], layers, batch_size, layers_path)
-                                for s in ("positive", "negative"))  # fmt: skip
-        vecs = {layer: (mp[layer] - mn[layer]).contiguous() for layer in layers}
-    else:
-        pos, neg = (
-            activations_at(model, examples[s], layers, batch_size, layers_path) for s in ("positive", "negative")
-        )
-        vecs = {layer: direction(method, pos[layer], neg[layer], logistic_c).contiguous() for layer in layers}
-        np_ = {layer: float(pos[layer].norm(dim=-1).mean()) for layer in layers}
-        nn_ = {layer: float(neg[layer].norm(dim=-1).mean()) for layer in layers}
+    for method in methods:
+        if method not in METHODS:
+            raise VectorError(f"vectors.method={method}: use one of {', '.join(METHODS)}")
+        if method != "mean_diff" and len(pairs) < 2:
+            raise VectorError(
+                f"vectors.method={method} needs at least 2 pairs (got {len(pairs)}): add pairs or use mean_diff"
+            )
+    keep = any(m != "mean_diff" for m in methods)  # mean_diff alone streams: no [n, H] matrix kept
+    chunks, mean, norm = {}, {}, {}
+    with torch.inference_mode():  # reading only; the logistic probe below fits with autograd
+        for side in ("positive", "negative"):
+            examples = [example_ids(tokenizer, p, side, chat_template, read_at, position) for p in pairs]
+            rows = _example_rows(model, examples, layers, batch_size, layers_path)
+            chunks[side] = list(rows) if keep else rows
+            mean[side], norm[side] = _means(chunks[side], layers, len(examples))
+        if keep:
+            pos, neg = ({layer: torch.cat([c[layer] for c in chunks[s]]) for layer in layers}
+                        for s in ("positive", "negative"))  # fmt: skip
     kinds = sorted({p.get("format", "text") for p in pairs})
-    meta = {
-        "model": model_name,
-        "concept": concept,
-        "method": method,
-        "read_at": read_at,
-        "position": str(position),
-        "pairs_format": ",".join(kinds),
-        "n_pairs": str(len(pairs)),
-        "chat_template": str(bool(chat_template)).lower(),
-    }
-    if method == "logistic":
-        meta["logistic_c"] = repr(float(logistic_c))
-    norms = {layer: (np_[layer] + nn_[layer]) / 2 for layer in layers}
-    return VectorSet(vecs, concept, meta, norms)
+    norms = {layer: (norm["positive"][layer] + norm["negative"][layer]) / 2 for layer in layers}
+    out = {}
+    for method in methods:
+        if method == "mean_diff":
+            vecs = {layer: (mean["positive"][layer] - mean["negative"][layer]).contiguous() for layer in layers}
+        else:
+            vecs = {layer: direction(method, pos[layer], neg[layer], logistic_c).contiguous() for layer in layers}
+        meta = {
+            "model": model_name,
+            "concept": concept,
+            "method": method,
+            "read_at": read_at,
+            "position": str(position),
+            "pairs_format": ",".join(kinds),
+            "n_pairs": str(len(pairs)),
+            "chat_template": str(bool(chat_template)).lower(),
+        }
+        if method == "logistic":
+            meta["logistic_c"] = repr(float(logistic_c))
+        out[method] = VectorSet(vecs, concept, meta, dict(norms))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

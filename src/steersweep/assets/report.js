@@ -4,10 +4,14 @@
 (function () {
   const D = JSON.parse(document.getElementById("sweep-data").textContent);
   const names = Object.keys(D.columns);
+  // Each row also knows its variant (index into D.variants: concept · method · mode), kept apart from
+  // the table's own columns so that the details list only those.
+  const variantOf = new Map();
   const rows = [];
   for (let i = 0; i < D.n; i++) {
     const r = {};
     for (const c of names) r[c] = D.columns[c][i];
+    variantOf.set(r, D.row_variant[i]);
     rows.push(r);
   }
   const has = (c) => names.includes(c);
@@ -25,7 +29,11 @@
     return e;
   }
 
-  const layers = distinct("layer");
+  // The grid's rows: layer-set labels ("10", "10+14", "all"), in the natural order the report uses.
+  const layers = D.layer_order;
+  const singleLayers = layers.every((l) => /^\d+$/.test(l));
+  const layerWords = (l) => (/^\d+$/.test(String(l)) ? "layer " : "layers ") + String(l);
+  const multiVariant = D.variants.length > 1;
   const alphas = distinct("alpha");
   const samples = has("sample") ? distinct("sample") : [null];
   const promptIds = Object.keys(D.prompts).sort(byValue);
@@ -34,6 +42,7 @@
     prompt: promptIds[0],
     sample: samples[0],
     facets: Object.fromEntries(facetCols.map((c) => [c, D.facets[c][0]])),
+    variant: 0,
     layers: new Set(layers),
     alphas: new Set(alphas),
     metric: D.metrics.includes("behavior_prob") ? "behavior_prob" : D.metrics[0] || "",
@@ -45,19 +54,22 @@
     range[m] = v.length ? [Math.min(...v), Math.max(...v)] : null;
   }
 
-  // Rows of the chosen prompt, sample and filters at one (layer, alpha).
-  function matching(layer, alpha) {
+  // Rows of the chosen prompt, sample, filters (and variant, unless anyVariant) at one (layers, alpha).
+  function matching(layer, alpha, anyVariant) {
     return rows.filter(
       (r) =>
         r.prompt_id === state.prompt &&
         (state.sample === null || r.sample === state.sample) &&
         facetCols.every((c) => String(r[c]) === state.facets[c]) &&
-        (layer === undefined || r.layer === layer) &&
+        (anyVariant || variantOf.get(r) === state.variant) &&
+        (layer === undefined || r.layers === layer) &&
         (alpha === undefined || r.alpha === alpha)
     );
   }
+  // Alpha 0 is the unsteered model in every mode: any alpha-0 row of the prompt will do, the same
+  // variant and layers preferred.
   function baseline(layer) {
-    return matching(layer, 0)[0] || matching(undefined, 0)[0] || null;
+    return matching(layer, 0)[0] || matching(undefined, 0)[0] || matching(layer, 0, true)[0] || matching(undefined, 0, true)[0] || null;
   }
 
   // ---- controls
@@ -97,6 +109,15 @@
     });
     controls.append(group("sample", s));
   }
+  if (multiVariant) {
+    const s = el("select", { id: "variant" });
+    D.variants.forEach((v, i) => s.append(el("option", { value: String(i), textContent: v })));
+    s.addEventListener("change", () => {
+      state.variant = Number(s.value);
+      render();
+    });
+    controls.append(group("variant (" + D.variant_columns.join(" · ") + ")", s));
+  }
   for (const c of facetCols) {
     const s = el("select", { id: "facet-" + c });
     for (const v of D.facets[c]) s.append(el("option", { value: v, textContent: v }));
@@ -118,7 +139,7 @@
     }
     return group(label, box);
   }
-  controls.append(checks("layer-filter", layers, state.layers, "layers"));
+  controls.append(checks("layer-filter", layers, state.layers, singleLayers ? "layers" : "layer sets"));
   controls.append(checks("alpha-filter", alphas, state.alphas, "alphas"));
   if (D.metrics.length) {
     const s = el("select", { id: "colour-by" });
@@ -141,10 +162,10 @@
   function render() {
     const grid = document.getElementById("grid");
     // only the layers and alphas the chosen run / filters have (compared runs may differ)
-    const scope = rows.filter((r) => facetCols.every((c) => String(r[c]) === state.facets[c]));
-    const ls = layers.filter((l) => state.layers.has(l) && scope.some((r) => r.layer === l));
+    const scope = rows.filter((r) => variantOf.get(r) === state.variant && facetCols.every((c) => String(r[c]) === state.facets[c]));
+    const ls = layers.filter((l) => state.layers.has(l) && scope.some((r) => r.layers === l));
     const as = alphas.filter((a) => state.alphas.has(a) && scope.some((r) => r.alpha === a));
-    const head = el("tr", {}, el("th", { textContent: "layer \\ alpha" }));
+    const head = el("tr", {}, el("th", { textContent: (singleLayers ? "layer" : "layers") + " \\ alpha" }));
     for (const a of as) {
       head.append(el("th", { textContent: a === 0 ? "0 (unsteered)" : fmt(a), className: a === 0 ? "baseline" : "" }));
     }
@@ -194,7 +215,7 @@
     const [layer, alpha] = state.picked;
     const hit = matching(layer, alpha);
     if (!hit.length) {
-      detail.replaceChildren(el("p", { className: "note", textContent: `No row at layer ${fmt(layer)}, alpha ${fmt(alpha)} for these filters.` }));
+      detail.replaceChildren(el("p", { className: "note", textContent: `No row at ${layerWords(layer)}, alpha ${fmt(alpha)} for these filters.` }));
       return;
     }
     const r = hit[0];
@@ -202,11 +223,16 @@
     const pane = (title, row, cls) =>
       el("div", { className: "pane " + cls }, el("h3", { textContent: title }),
         el("div", { className: "completion", textContent: row ? String(row.completion ?? "") : "no alpha-0 row in this table" }));
-    const baseTitle = base ? `alpha 0 (unsteered), layer ${fmt(base.layer)}` : "alpha 0 (unsteered)";
+    const vname = multiVariant ? D.variants[state.variant] + ", " : "";
+    let baseTitle = "alpha 0 (unsteered)";
+    if (base) {
+      baseTitle += ", " + layerWords(base.layers);
+      if (multiVariant && variantOf.get(base) !== state.variant) baseTitle += " (" + D.variants[variantOf.get(base)] + ")";
+    }
     const kids = [
-      el("h3", { textContent: `${state.prompt}, layer ${fmt(layer)}, alpha ${fmt(alpha)}` }),
+      el("h3", { textContent: `${state.prompt}, ${vname}${layerWords(layer)}, alpha ${fmt(alpha)}` }),
       el("div", { className: "prompt", textContent: D.prompts[state.prompt] }),
-      el("div", { className: "pair" }, pane(`layer ${fmt(layer)}, alpha ${fmt(alpha)}`, r, "steered"), pane(baseTitle, base, "unsteered")),
+      el("div", { className: "pair" }, pane(`${vname}${layerWords(layer)}, alpha ${fmt(alpha)}`, r, "steered"), pane(baseTitle, base, "unsteered")),
     ];
     if (hit.length > 1) kids.push(el("p", { className: "note", textContent: `${hit.length} rows match these filters; showing the first.` }));
     const t = el("table", { id: "detail-columns" }, el("tr", {}, el("th", { textContent: "column" }), el("th", { textContent: "this row" }), el("th", { textContent: "alpha 0" })));

@@ -1,0 +1,221 @@
+"""The report's tables over layer sets and steering variants (concept, method, mode), on synthetic tables.
+
+Every expected value is computed here with plain pandas, independently of steersweep.reporting.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from steersweep.config import ReportConfig
+from steersweep.reporting import (
+    best_cell,
+    best_per_variant,
+    first_alpha_reaching,
+    layer_order,
+    pivot_text,
+    summarize,
+    write_report,
+)
+
+METHODS = ("mean_diff", "pca_diff")
+MODES = ("add", "ablate_add")
+LAYER_SETS = {"10": 10, "10+14": 10}  # label -> first layer
+ALPHAS = (-1.0, 0.0, 1.0, 2.0, 4.0)
+# How much each variant moves behaviour per unit alpha, and what it costs in perplexity.
+EFFECT = {("mean_diff", "add"): 0.10, ("mean_diff", "ablate_add"): 0.15, ("pca_diff", "add"): 0.21,
+          ("pca_diff", "ablate_add"): 0.12}  # fmt: skip
+COST = {("mean_diff", "add"): 0.02, ("mean_diff", "ablate_add"): 0.05, ("pca_diff", "add"): 0.30,
+        ("pca_diff", "ablate_add"): 0.01}  # fmt: skip
+VARIANT = ["concept", "method", "mode"]
+
+
+def variant_table(n_prompts: int = 3) -> pd.DataFrame:
+    """2 methods x 2 modes x layer sets "10" and "10+14" x alphas x prompts, one row each."""
+    rows = []
+    for method in METHODS:
+        for mode in MODES:
+            for label, first in LAYER_SETS.items():
+                boost = 1.5 if "+" in label else 1.0
+                for alpha in ALPHAS:
+                    for p in range(n_prompts):
+                        eff, cost = EFFECT[method, mode] * boost, COST[method, mode] * boost
+                        rows.append({
+                            "run_id": "r", "cell_id": f"{method}-{mode}-{label}-{alpha:g}-{p}", "model": "toy",
+                            "layer": first, "layers": label, "alpha": alpha, "concept": "sentiment",
+                            "method": method, "mode": mode, "sample": 0, "prompt_id": f"p{p}",
+                            "prompt": f"prompt {p}", "completion": f"{method}/{mode}/{label}/{alpha:g}/p{p}",
+                            "behavior_prob": min(0.3 + eff * alpha + 0.01 * p, 1.0),
+                            "perplexity": 10.0 * (1 + cost * alpha**2) + 0.5 * p,
+                        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def old_table() -> pd.DataFrame:
+    """A table written before layer sets and methods: no `layers`, `method` or `mode` column."""
+    df = variant_table()
+    df = df[(df.method == "mean_diff") & (df["mode"] == "add") & (df.layers == "10")]
+    df = pd.concat([df, df.assign(layer=14, cell_id=df.cell_id + "-14")], ignore_index=True)
+    return df.drop(columns=["layers", "method", "mode"]).reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_layer_labels_sort_naturally():
+    labels = ["18", "10+14", "all", "6", "10", "10+12+14", "14", "6+30"]
+    assert layer_order(labels) == ["6", "6+30", "10", "10+14", "10+12+14", "14", "18", "all"]
+    df = variant_table()
+    df = df[(df.method == "mean_diff") & (df["mode"] == "add")]
+    extra = [df.assign(layers=lab, layer=int(lab.split("+")[0]) if lab != "all" else 0) for lab in ("6", "all", "14")]
+    s = summarize(pd.concat([df, *extra], ignore_index=True), "perplexity")
+    assert list(dict.fromkeys(s["layers"])) == ["6", "10", "10+14", "14", "all"]
+    p = pivot_text(s)
+    assert p.index.names == ["model", "layers"]
+    assert [ix[1] for ix in p.index] == ["6", "10", "10+14", "14", "all"]
+
+
+def test_summarize_never_mixes_variants():
+    df = variant_table()
+    for metric in ("behavior_prob", "perplexity"):
+        s = summarize(df, metric)
+        assert len(s) == len(METHODS) * len(MODES) * len(LAYER_SETS) * len(ALPHAS)
+        assert {"concept", "method", "mode", "layers", "layer", "alpha", "mean", "ci95", "n"} <= set(s.columns)
+        assert (s["n"] == 3).all()
+        for _, r in s.iterrows():
+            rows = df[
+                (df.method == r.method) & (df["mode"] == r["mode"]) & (df.layers == r.layers) & (df.alpha == r.alpha)
+            ]
+            assert r["mean"] == pytest.approx(rows[metric].mean())
+            assert r["ci95"] == pytest.approx(1.96 * rows[metric].std() / np.sqrt(len(rows)))
+            assert r.layer == 10
+    # the methods really differ at a steered cell: averaging them would have shown
+    s = summarize(df, "behavior_prob").set_index(["method", "mode", "layers", "alpha"])["mean"]
+    assert s["mean_diff", "add", "10", 2.0] != pytest.approx(s["pca_diff", "add", "10", 2.0])
+
+
+def expected_cells(df: pd.DataFrame, cfg: ReportConfig) -> pd.DataFrame:
+    """Per (variant, layers, alpha): objective mean, perplexity mean, its relative rise over alpha 0
+    of the same variant and layers, and whether that rise is allowed."""
+    g = df.groupby(VARIANT + ["layers", "alpha"])
+    cells = pd.DataFrame({"objective": g[cfg.objective].mean(), "fluency": g[cfg.fluency_metric].mean()}).reset_index()
+    base = cells[cells.alpha == 0].set_index(VARIANT + ["layers"])["fluency"]
+    cells["base"] = [base[tuple(r)] for r in cells[VARIANT + ["layers"]].itertuples(index=False, name=None)]
+    cells["increase"] = cells["fluency"] / cells["base"] - 1
+    cells["ok"] = cells["fluency"] <= cells["base"] * (1 + cfg.max_fluency_increase)
+    return cells
+
+
+def test_best_per_variant_matches_plain_pandas():
+    df = variant_table()
+    cfg = ReportConfig(max_fluency_increase=1.0)
+    cells = expected_cells(df, cfg)
+    got = best_per_variant(df, cfg)
+    assert len(got) == len(METHODS) * len(MODES)
+    assert {"concept", "method", "mode", "layers", "layer", "alpha", "objective", "fluency_increase"} <= set(got)
+    constrained = 0
+    for (method, mode), mine in cells.groupby(["method", "mode"]):
+        ok = mine[mine.ok & (mine.alpha != 0)]
+        want = ok.loc[ok.objective.idxmax()]
+        row = got[(got.method == method) & (got["mode"] == mode)]
+        assert len(row) == 1
+        row = row.iloc[0]
+        assert (row.concept, row.layers, row.alpha) == ("sentiment", want.layers, want.alpha)
+        assert row.objective == pytest.approx(want.objective)
+        assert row.fluency_increase == pytest.approx(want.increase)
+        assert row.layer == 10
+        constrained += mine[mine.alpha != 0].objective.max() > want.objective
+    assert constrained >= 1  # the fluency rule decided at least one variant's best cell
+
+    best, rule = best_cell(df, cfg)
+    overall = got.loc[got.objective.idxmax()]
+    assert best is not None and "perplexity at most 2.00" in rule
+    for c in ("concept", "method", "mode", "layers", "layer", "alpha", "objective"):
+        assert best[c] == overall[c], c
+    # a fluency rule nobody meets: every variant still has its row, with nothing admissible
+    none = best_per_variant(df, ReportConfig(max_fluency_increase=-0.5))
+    assert len(none) == 4 and none.alpha.isna().all()
+    assert best_cell(df, ReportConfig(max_fluency_increase=-0.5))[0] is None
+
+
+@pytest.mark.parametrize(("threshold", "everyone"), [(0.9, False), (0.6, True)])
+def test_first_alpha_reaching_matches_plain_pandas(threshold, everyone):
+    df = variant_table()
+    cfg = ReportConfig()
+    cells = expected_cells(df, cfg)
+    got = first_alpha_reaching(df, cfg, threshold=threshold)
+    assert len(got) == len(METHODS) * len(MODES) * len(LAYER_SETS)
+    reached = 0
+    for (method, mode, layers), mine in cells.groupby(["method", "mode", "layers"]):
+        row = got[(got.method == method) & (got["mode"] == mode) & (got.layers == layers)].iloc[0]
+        hit = mine[(mine.alpha != 0) & (mine.objective >= threshold)]
+        assert row.max_objective == pytest.approx(mine[mine.alpha != 0].objective.max())
+        if hit.empty:
+            assert np.isnan(row.alpha) and np.isnan(row.objective)
+            continue
+        reached += 1
+        want = hit.loc[hit.alpha.abs().idxmin()]
+        assert row.alpha == want.alpha
+        assert row.objective == pytest.approx(want.objective)
+        assert row.fluency_increase == pytest.approx(want.increase)
+    assert (reached == len(got)) if everyone else (0 < reached < len(got))  # at 0.9 some do not get there
+    assert list(got.layers[:2]) == ["10", "10+14"]
+
+
+def test_old_tables_still_report(tmp_path):
+    df = old_table()
+    s = summarize(df, "perplexity")
+    assert list(dict.fromkeys(s.layers)) == ["10", "14"] and "method" not in s
+    best, _ = best_cell(df, ReportConfig())
+    assert best is not None and best.layers == str(best.layer)
+    assert len(best_per_variant(df, ReportConfig())) == 1
+
+    run = tmp_path / "old"
+    run.mkdir()
+    df.to_parquet(run / "results.parquet", index=False)
+    text = write_report(run).read_text()
+    assert re.search(r"\*\*layer 1[04], alpha [0-9.]+\*\*", text), text
+    assert "### " not in text and "per variant" not in text  # one variant: no facets
+    assert "| model | layer | α=-1 |" in text
+    assert "layers 10, 14;" in text
+    table = pd.read_csv(run / "report" / "table_perplexity.csv")
+    assert list(table.layers.astype(str).unique()) == ["10", "14"]
+    assert (run / "report" / "heatmap_perplexity_toy.png").is_file()
+
+
+def test_old_and_new_runs_compared(tmp_path):
+    """An old run (no method/mode/layers) beside a new one: the variants stay apart."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    for d, f in ((old, old_table()), (new, variant_table())):
+        d.mkdir()
+        f.to_parquet(d / "results.parquet", index=False)
+    text = write_report([new, old]).read_text()
+    assert "### sentiment · pca_diff · ablate_add" in text
+    assert "### sentiment\n" in text  # the old run's variant: its concept only
+    page = (new / "report" / "index.html").read_text()
+    assert "Runs compared" in page and "10+14" in page
+
+
+def test_multi_variant_report(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    variant_table().to_parquet(run / "results.parquet", index=False)
+    text = write_report(run).read_text()
+    assert "4 variants (concept · method · mode)" in text
+    for method in METHODS:
+        for mode in MODES:
+            assert text.count(f"### sentiment · {method} · {mode}\n") == 2  # behavior_prob and perplexity
+            assert (run / "report" / f"heatmap_perplexity_toy__sentiment_{method}_{mode}.png").is_file()
+    per_variant = text.split("## Best cell per variant")[1].split("\n## ")[0]
+    assert per_variant.count("| sentiment · ") == 4
+    first = text.split("## First alpha reaching behavior_prob ≥ 0.9")[1].split("\n## ")[0]
+    assert first.count("| sentiment · ") == 8 and "not reached" in first
+    best = text.split("## Best cell\n")[1].split("\n")[0]
+    assert re.search(r"\*\*sentiment · \w+ · \w+, layers? 10(\+14)?, alpha \d\*\*", best), best
+    page = (run / "report" / "index.html").read_text()
+    assert "id='best-per-variant'" in page and "id='first-reaching'" in page
+    assert page.count("<h3 class='variant'>sentiment · pca_diff · add</h3>") == 2
