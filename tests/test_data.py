@@ -362,7 +362,7 @@ def test_validate_inputs_reads_caa_files(caa_ab, tmp_path):
     out = validate_inputs(cfg, None)
     assert set(out) == {"prompts", "pairs", "word_lists", "behavior_items"}
     assert out["prompts"] == [{"id": content_id(q["question"]), "prompt": q["question"]} for q in OPEN_ENDED]
-    assert [(p["format"], p["question"], p["positive"]) for p in out["pairs"]] == [
+    assert [(p["format"], p["question"], p["positive"]) for p in out["pairs"]["sentiment"]] == [
         ("ab", c["question"], f"({m}") for c, m in zip(CAA_AB, MATCHING, strict=True)
     ]
     assert [(i["question"], i["A"], i["B"], i["positive"]) for i in out["behavior_items"]] == [

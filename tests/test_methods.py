@@ -579,7 +579,7 @@ def test_the_grid_has_every_method_mode_and_layer_set_once():
     assert len(cells) == 2 * 2 * 2 * 3 * 2 and len({c.cell_id for c in cells}) == len(cells)
     assert {c.label for c in cells} == {"1", "1+3", "all"}
     assert {c.steered_layers for c in cells} == {(1,), (1, 3), (0, 1, 2, 3)}
-    assert len({c.setting for c in cells}) == 2 * 2 * 3 * 2
+    assert len({c.setting for c in cells}) == 2 * 2 * 3 * 2 and {c.concept for c in cells} == {"c"}
     # paired comparisons: a cell samples with the same seed under every method and mode
     seeds = {}
     for c in cells:
@@ -625,7 +625,7 @@ def test_a_sweep_over_methods_modes_and_layer_sets(tiny, tokenizer, embedded_dir
     }
     assert {m: vs.method for m, vs in vsets.items()} == {"mean_diff": "mean_diff", "pca_center": "pca_center"}
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert set(manifest["vectors_by_method"]) == {"mean_diff", "pca_center"}
+    assert set(manifest["vectors_by_set"]) == {"sentiment/mean_diff", "sentiment/pca_center"}
     gen = OmegaConf.structured(GenerationConfig(max_new_tokens=6))
     for _, row in df.iterrows():
         layers = [int(x) for x in row.layers.split("+")]
@@ -637,7 +637,69 @@ def test_a_sweep_over_methods_modes_and_layer_sets(tiny, tokenizer, embedded_dir
     assert steered.groupby(["prompt_id", "layers", "alpha"]).completion.nunique().max() > 1  # variants differ
     assert steered.groupby(["method", "mode", "layers"]).behavior_prob.first().nunique() > 1
     done = RunFolder(folder).behavior_done()
-    assert set(done) == {(r.layers, r.alpha, r.method, r["mode"]) for _, r in df.iterrows()}
+    assert set(done) == {(r.concept, r.layers, r.alpha, r.method, r["mode"]) for _, r in df.iterrows()}
     again = pd.DataFrame(ss.Sweep.from_config(overrides=over, run_dir=folder).run())
     pd.testing.assert_frame_equal(again.sort_values("cell_id").reset_index(drop=True),
                                   df.sort_values("cell_id").reset_index(drop=True))  # fmt: skip
+
+
+FORMAL = [
+    ("I would be delighted to attend the meeting.", "yeah sure i'll show up lol"),
+    ("Please find the report attached for your review.", "here's the thing u wanted"),
+    ("We regret to inform you that the event is cancelled.", "sorry folks, no party"),
+    ("Kindly confirm your availability at your earliest convenience.", "u free or what"),
+    ("The committee has approved the proposal.", "they said ok to the plan"),
+    ("I appreciate your prompt response.", "thx for getting back quick"),
+]
+
+
+def test_two_concepts_in_one_run_from_datasets_and_from_files(tiny, tokenizer, embedded_dir, tmp_path):
+    """vectors.concept as a list: each concept's vectors from its own dataset, one grid axis; rows
+    equal direct decodes with their own concept's vectors; then the same two concepts from files."""
+    import json
+
+    import pandas as pd
+
+    import steersweep as ss
+    from steersweep.encoding import encode_prompts
+    from steersweep.vectors import load
+
+    pairs = tmp_path / "formal.jsonl"
+    pairs.write_text("".join(json.dumps({"positive": a, "negative": b}) + "\n" for a, b in FORMAL))
+    model_dir = tiny_checkpoint(tmp_path / "tiny model", embedded_dir, tiny)
+    common = [f"model.path={model_dir}", "model.num_hidden_layers=4", "model.dtype=float32", "prompts.limit=2",
+              "generation.max_new_tokens=5", "eval.metrics=[behavior_prob]", "eval.behavior_limit=2",
+              "steering.layers=[2]", "steering.alphas=[0,4]", "progress=false", "report.enabled=false"]  # fmt: skip
+    over = [*common, "vectors.concept=[sentiment,formal]", f"vectors.dataset=[sentiment_pairs,{pairs}]"]
+    run = ss.Sweep.from_config(overrides=[*over, f"results_root={tmp_path / 'res'}"])
+    df = pd.DataFrame(run.run())
+    folder = run.run_dir
+    assert "-sentiment+formal-" in folder.name
+    assert len(df) == 2 * 2 * 2 and set(df.concept) == {"sentiment", "formal"}
+    vsets = {
+        "sentiment": load(folder / "vectors.safetensors"),
+        "formal": load(folder / "vectors-formal-mean_diff.safetensors"),
+    }
+    assert vsets["formal"].concept == "formal" and not torch.equal(
+        vsets["formal"].vectors[2], vsets["sentiment"].vectors[2]
+    )
+    gen = OmegaConf.structured(GenerationConfig(max_new_tokens=5))
+    for _, row in df.iterrows():
+        ids = encode_prompts(tokenizer, [row.prompt], gen)
+        direct = generate_rows(tiny, tokenizer, ids, [(2, row.alpha, vsets[row.concept].vectors[2])], gen)[0]
+        assert direct.text == row.completion and row.vector_id.startswith(f"{row.concept}-L2-")
+    assert df[df.alpha != 0].groupby("concept").behavior_prob.first().nunique() == 2
+    # the same concepts from the saved files, as a user would reuse them
+    files = [folder / "vectors.safetensors", folder / "vectors-formal-mean_diff.safetensors"]
+    over = [
+        *common,
+        "vectors.source=file",
+        "vectors.concept=[sentiment,formal]",
+        f"vectors.path=[{files[0]},{files[1]}]",
+    ]
+    again = pd.DataFrame(ss.Sweep.from_config(overrides=over, run_dir=tmp_path / "from files").run())
+    key = ["concept", "prompt_id", "alpha"]
+    pd.testing.assert_series_equal(again.sort_values(key).completion.reset_index(drop=True),
+                                   df.sort_values(key).completion.reset_index(drop=True))  # fmt: skip
+    with pytest.raises(Exception, match="lists 2 concept.* gives 1: give one per concept"):
+        ss.Sweep.from_config(overrides=[*common, "vectors.concept=[sentiment,formal]"], run_dir=tmp_path / "x").run()

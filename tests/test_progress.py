@@ -84,3 +84,40 @@ def test_scoring_reports_every_forward_batch(tiny, tokenizer):
     assert calls == [(2, 5), (4, 5), (5, 5)]
     M.perplexities(tiny, ids, [[5, 6, 7]] * len(ids), tokenizer.pad_token_id, batch_size=2)
     assert len(calls) == 3  # outside the block nobody is told
+
+
+def test_tokens_of_a_decode_that_ran_out_of_memory_are_counted_once(tiny, embedded_dir, tmp_path, monkeypatch, caplog):
+    """A decode that fails with out-of-memory after some steps is retried with half the rows: the
+    progress line counts the retried tokens once (same totals as a run without the failure)."""
+    import re
+
+    from conftest import tiny_checkpoint
+
+    import steersweep as ss
+    import steersweep.generation as G
+
+    model_dir = tiny_checkpoint(tmp_path / "tiny model", embedded_dir, tiny)
+    over = [f"model.path={model_dir}", "model.num_hidden_layers=4", "model.dtype=float32", "prompts.limit=3",
+            "generation.max_new_tokens=6", "eval.metrics=[]", "steering.layers=[1]", "steering.alphas=[0,3]",
+            "progress_every_s=0", "report.enabled=false"]  # fmt: skip
+    real = G.generate_rows
+    failed = []
+
+    def flaky(*args, on_step=None, **kw):
+        if not failed:  # the first decode makes three steps of tokens, then runs out of memory
+            failed.append(True)
+            for step in range(3):
+                on_step(len(args[2]), 0, step)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, on_step=on_step, **kw)
+
+    def last_line(run_dir) -> str:
+        caplog.clear()
+        caplog.set_level(logging.INFO, logger="steersweep")
+        ss.Sweep.from_config(overrides=over, run_dir=run_dir).run()
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+        return re.search(r"(\d+/\d+) tokens", lines[-1]).group(1)
+
+    plain = last_line(tmp_path / "plain")
+    monkeypatch.setattr(G, "generate_rows", flaky)
+    assert last_line(tmp_path / "oom") == plain and failed

@@ -61,9 +61,11 @@ class SteeringConfig:
 @dataclass
 class VectorsConfig:
     source: str = "compute"  # compute = mean difference from `dataset`; file = load `path`
-    path: str | None = None  # vector file: .safetensors, .pt (TransformerLens keys) or .gguf
-    dataset: str = "sentiment_pairs"  # shipped dataset name or a JSONL path with positive/negative
-    concept: str = "sentiment"  # name recorded in vector ids and results
+    path: Any = None  # vector file: .safetensors, .pt (TransformerLens keys) or .gguf; a list with concept lists
+    dataset: Any = "sentiment_pairs"  # shipped dataset name or a JSONL path with positive/negative; or a list
+    # name recorded in vector ids and results; a list of concepts is a grid axis, each concept taking the
+    # dataset (or path) at the same place in those lists
+    concept: Any = "sentiment"
     position: int = -1  # token index whose residual is averaged (-1 = last token)
     read_at: str = "last"  # last (token `position`) | answer (the A/B answer letter; a text's last token) | answer_mean
     # mean_diff (CAA) | pca_diff (1st PC of pair differences) | pca_center (1st PC around each pair's centre,

@@ -16,11 +16,13 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from .faults import fault_point
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 HEADROOM_USE = 0.9  # share of a GPU's free memory given to rows: the rest absorbs allocator fragmentation
@@ -235,69 +237,56 @@ def _clear_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def with_backoff(fn: Callable[[int], object], batch_size: int, what: str):
-    """`fn(batch_size)`, retried with half the batch size on out-of-memory, down to 1.
+def backoff(fn: Callable[[int], T], batch_size: int, what: str) -> tuple[T, int]:
+    """`fn(batch_size)`, retried with half the batch size on out-of-memory (`is_oom`), down to 1.
 
-    accelerate's `find_executable_batch_size` drives the retries (it clears the device cache between
-    tries); the errors it does not recognise but `is_oom` does are re-raised in its words.
+    The one back-off of the package: scoring and the judge call it through `with_backoff`, generation
+    once per chunk of a planned batch (`generate_with_backoff`). Between tries the device cache is
+    released (accelerate's `release_memory` does the same; here nothing is held to release).
+    Returns (result, the batch size that worked).
     """
-    from accelerate.utils import find_executable_batch_size
-    from accelerate.utils.memory import should_reduce_batch_size
-
     size = max(1, int(batch_size))
-
-    def halve() -> int:
-        nonlocal size
-        if size == 1:
-            raise RuntimeError(f"{what}: out of memory with 1 row per batch; lower generation.max_new_tokens")
-        size = max(1, size // 2)
-        log.warning("%s: out of memory; retrying with %d rows per batch", what, size)
-        return size
-
-    def attempt(bs: int):
+    while True:
         try:
-            return fn(bs)
-        except RuntimeError as e:
-            if is_oom(e) and not should_reduce_batch_size(e):
-                raise RuntimeError(f"{what} ran out of memory. ({type(e).__name__}: {e})") from e
-            raise
+            return fn(size), size
+        except Exception as e:  # torch.OutOfMemoryError is a RuntimeError; the CPU allocator's too
+            if not is_oom(e):
+                raise
+            if size == 1:
+                raise RuntimeError(
+                    f"{what}: out of memory with 1 row per batch ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                    "lower generation.max_new_tokens or memory.gpu_fraction, or use a larger GPU"
+                ) from e
+        _clear_cache()
+        log.warning("%s: out of memory with %d rows per batch; retrying with %d", what, size, max(1, size // 2))
+        size = max(1, size // 2)
 
-    try:  # the first try runs bare: accelerate's wrapper starts every call with a gc.collect() (~0.3 s)
-        return attempt(size)
-    except RuntimeError as e:
-        if not should_reduce_batch_size(e):
-            raise
-    _clear_cache()
-    return find_executable_batch_size(attempt, starting_batch_size=halve(), reduce_batch_size_fn=halve)()
+
+def with_backoff(fn: Callable[[int], T], batch_size: int, what: str) -> T:
+    """`fn(batch_size)` under `backoff`: the result alone."""
+    return backoff(fn, batch_size, what)[0]
 
 
 def generate_with_backoff(run_batch, rows: Sequence, batch_size: int, on_done, timeout_s: float = 0.0) -> int:
-    """Run `run_batch(chunk)` over `rows` in chunks; on out-of-memory halve the chunk and retry.
+    """Run `run_batch(chunk)` over `rows` in chunks of `batch_size` under `backoff`: on out-of-memory
+    the chunk is halved and retried whole, and later chunks keep the smaller size.
 
     `on_done(chunk, outputs, seconds)` is called after every finished chunk (so results are written
-    as they come). Returns the final batch size. No row is lost: a failed chunk is retried whole.
+    as they come). Returns the final batch size. No row is lost.
     """
     from .runtime import watchdog
 
     i = 0
     while i < len(rows):
-        chunk = rows[i : i + batch_size]
-        t0 = time.perf_counter()
-        try:
+
+        def attempt(bs: int, i: int = i):
+            chunk = rows[i : i + bs]
+            t0 = time.perf_counter()
             with watchdog(timeout_s, f"generate batch of {len(chunk)} rows", announce=False):
                 fault_point("batch")
-                outputs = run_batch(chunk)
-        except RuntimeError as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
-            if not is_oom(e) or batch_size == 1:
-                raise
-            _clear_cache()
-            batch_size = max(1, batch_size // 2)
-            log.warning(
-                "out of memory with %d rows per batch: retrying with %d",
-                len(chunk),
-                batch_size,
-            )
-            continue
-        on_done(chunk, outputs, time.perf_counter() - t0)
+                return chunk, run_batch(chunk), time.perf_counter() - t0
+
+        (chunk, outputs, seconds), batch_size = backoff(attempt, batch_size, "generation")
+        on_done(chunk, outputs, seconds)
         i += len(chunk)
     return batch_size

@@ -3,7 +3,7 @@
 - **Identity**: the config keys that define what a row means (model, vectors, decoding, the grid,
   prompts, metrics), with a short hash. The hash names the default folder and is part of every
   cell id, so rows of two configs can never be mistaken for each other.
-- **Cells** (prompt x method x mode x layer set x alpha x sample) in one canonical order, cut into **batches** of a
+- **Cells** (prompt x concept x method x mode x layer set x alpha x sample) in one canonical order, cut into **batches** of a
   fixed size. The batch a row is made in is part of the plan, so rows are a function of
   (cell, plan), whatever order workers start, die or come back in.
 - **Dealing**: batch b belongs to worker `b % n_workers` over the *full* plan; only then are
@@ -57,6 +57,7 @@ class Cell:
     seed: int
     layers: tuple[int, ...] = ()  # every layer the cell steers (each with its own vector); () = (layer,)
     layer_set: str = ""  # its label: "10", "10+14" or "all"; "" = str(layer)
+    concept: str = ""  # the concept of its vectors (vectors.concept)
     method: str = "mean_diff"  # extraction method of its vectors (vectors.method)
     mode: str = "add"  # injection mode (steering.mode)
 
@@ -69,10 +70,10 @@ class Cell:
         return self.layer_set or str(self.layer)
 
     @property
-    def setting(self) -> tuple[str, float, str, str]:
+    def setting(self) -> tuple[str, str, float, str, str]:
         """What a per-setting metric (behavior_prob, next_token_kl) is a function of: the cell
         minus its prompt and sample (see `RunFolder.setting_done`)."""
-        return (self.label, float(self.alpha), self.method, self.mode)
+        return (self.concept, self.label, float(self.alpha), self.method, self.mode)
 
 
 @dataclass(frozen=True)
@@ -108,10 +109,8 @@ def input_digests(cfg: DictConfig) -> dict[str, str | None]:
     from . import data
 
     named = {"prompts": cfg.prompts.dataset, "word_lists": cfg.eval.word_lists}
-    if cfg.vectors.source == "file":
-        named["vectors"] = cfg.vectors.path
-    else:
-        named["pairs"] = cfg.vectors.dataset
+    for i, (_, source) in enumerate(concepts(cfg)):  # the first keeps the key it had before concept lists
+        named[("vectors" if cfg.vectors.source == "file" else "pairs") + (f".{i}" if i else "")] = source
     if "behavior_prob" in cfg.eval.metrics:
         named["behavior_items"] = cfg.eval.behavior_dataset
     out: dict[str, str | None] = {}
@@ -166,6 +165,21 @@ def as_list(value) -> list:
     return list(value)
 
 
+def concepts(cfg: DictConfig) -> list[tuple[str, str | None]]:
+    """[(concept, its pairs dataset or its vector file)]: `vectors.concept` may be a list, taken
+    place by place with `vectors.dataset` (source=compute) or `vectors.path` (source=file)."""
+    vec = cfg.vectors
+    names = [str(c) for c in as_list(vec.get("concept", "concept"))]
+    source = vec.get("path") if vec.get("source", "compute") == "file" else vec.get("dataset")
+    sources = as_list(source) if source is not None else [None]
+    if len(sources) != len(names):
+        raise ValueError(
+            f"vectors.concept lists {len(names)} concept(s) but vectors.{'path' if vec.get('source') == 'file' else 'dataset'}"
+            f" gives {len(sources)}: give one per concept, in the same order"
+        )
+    return [(n, None if x is None else str(x)) for n, x in zip(names, sources, strict=True)]
+
+
 def layer_sets(spec, num_layers: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
     """`steering.layers` -> [(label, layers)]: an int is one layer, a list is one cell steering every
     layer in it ("10+14"), "all" every decoder layer (needs `num_layers`, from the model's config)."""
@@ -191,7 +205,7 @@ def all_layers(cfg: DictConfig, num_layers: int | None = None) -> list[int]:
 
 
 def expand(cfg: DictConfig, prompts: list[dict], ident_hash: str, num_layers: int | None = None) -> list[Cell]:
-    """prompts x methods x modes x layer sets x alphas x samples, in the canonical order.
+    """prompts x concepts x methods x modes x layer sets x alphas x samples, in the canonical order.
 
     Prompt-major: a batch then holds few distinct prompts (little padding; shared prefills and
     the alpha-0 baseline, identical across layers, are computed once per prompt). A grid of single
@@ -202,18 +216,21 @@ def expand(cfg: DictConfig, prompts: list[dict], ident_hash: str, num_layers: in
     alphas = [float(x) for x in cfg.steering.alphas]
     methods = [str(m) for m in as_list(cfg.vectors.get("method", "mean_diff"))]  # schema defaults: partial
     modes = [str(m) for m in as_list(cfg.steering.get("mode", "add"))]  # configs (tests, API) plan alike
+    names = [c for c, _ in concepts(cfg)]
     plain = len(methods) == 1 and len(modes) == 1 and all(len(ls) == 1 and lb != "all" for lb, ls in sets)
+    many = len(names) > 1
     for p in prompts:
-        for method in methods:
-            for mode in modes:
-                for label, layers in sets:
-                    for alpha in alphas:
-                        for s in range(cfg.steering.samples):
-                            extra = "" if plain else f"|{label}|{method}|{mode}"
-                            cid = cell_key(ident_hash, layers[0], alpha, p["id"], s, extra)
-                            seed = cell_seed(cfg.generation.seed, cfg.vectors.concept, label, alpha, p["id"], s)
-                            cells.append(Cell(cid, layers[0], alpha, p["id"], p["prompt"], s, seed, layers, label,
-                                              method, mode))  # fmt: skip
+        for concept in names:
+            for method in methods:
+                for mode in modes:
+                    for label, layers in sets:
+                        for alpha in alphas:
+                            for s in range(cfg.steering.samples):
+                                extra = ("" if plain else f"|{label}|{method}|{mode}") + (f"|{concept}" if many else "")
+                                cid = cell_key(ident_hash, layers[0], alpha, p["id"], s, extra)
+                                seed = cell_seed(cfg.generation.seed, concept, label, alpha, p["id"], s)
+                                cells.append(Cell(cid, layers[0], alpha, p["id"], p["prompt"], s, seed, layers,
+                                                  label, concept, method, mode))  # fmt: skip
     return cells
 
 
@@ -298,7 +315,7 @@ def folder_for(cfg: DictConfig, ident_hash: str) -> Path:
     readable, and two configs never share a default folder."""
     if cfg.run_dir:
         return Path(cfg.run_dir).expanduser()
-    name = cfg.run_name or f"{cfg.model.name}-{cfg.vectors.concept}"
+    name = cfg.run_name or f"{cfg.model.name}-{'+'.join(c for c, _ in concepts(cfg))}"
     root = Path(cfg.results_root).expanduser()
     return (root if root.is_absolute() else PROJECT_ROOT / root) / f"{name}-{ident_hash}"
 
@@ -345,7 +362,9 @@ def _plan_doc(ident: dict, ident_hash: str, size: int, cells: list[Cell], comman
         "n_cells": len(cells),
         "n_batches": -(-len(cells) // size) if cells else 0,
         # canonical order; batch b = cells[b * batch_size : (b + 1) * batch_size]
-        "cells": [[c.cell_id, c.layer, c.alpha, c.prompt_id, c.sample, c.label, c.method, c.mode] for c in cells],
+        "cells": [
+            [c.cell_id, c.layer, c.alpha, c.prompt_id, c.sample, c.label, c.method, c.mode, c.concept] for c in cells
+        ],
         "command": command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -131,15 +131,15 @@ class RunFolder:
         frames, _ = self.read_parts(columns=["cell_id"])
         return set().union(*(set(f["cell_id"]) for f in frames)) if frames else set()
 
-    def behavior_done(self) -> dict[tuple[str, float, str, str], tuple[float, float]]:
-        """(layers, alpha, method, mode) -> (behavior_prob, its sem) from rows already written."""
+    def behavior_done(self) -> dict[tuple[str, str, float, str, str], tuple[float, float]]:
+        """(concept, layers, alpha, method, mode) -> (behavior_prob, its sem) from rows already written."""
         return self.setting_done("behavior_prob")
 
-    def setting_done(self, metric: str) -> dict[tuple[str, float, str, str], tuple[float, float]]:
-        """(layers, alpha, method, mode) -> (metric, its `<metric>_sem`) from rows already written:
+    def setting_done(self, metric: str) -> dict[tuple[str, str, float, str, str], tuple[float, float]]:
+        """(concept, layers, alpha, method, mode) -> (metric, its `<metric>_sem`) from rows already written:
         per-setting metrics (behavior_prob, next_token_kl) are scored once per folder, also across
         restarts (`scoring.Scorer.setting` makes the same key)."""
-        cols = ["layers", "alpha", "method", "mode", metric, f"{metric}_sem"]
+        cols = ["concept", "layers", "alpha", "method", "mode", metric, f"{metric}_sem"]
         out = {}
         for p in self.part_files():
             try:
@@ -149,7 +149,8 @@ class RunFolder:
             except Exception:  # unreadable parts are reported by read_parts
                 continue
             for r in df.itertuples(index=False):
-                out[(str(r.layers), float(r.alpha), str(r.method), str(r.mode))] = (float(r[4]), float(r[5]))
+                key = (str(r.concept), str(r.layers), float(r.alpha), str(r.method), str(r.mode))
+                out[key] = (float(r[5]), float(r[6]))
         return out
 
     def merge(self, csv: bool = False, keep: set[str] | None = None) -> tuple[pd.DataFrame, Path]:
@@ -169,7 +170,7 @@ class RunFolder:
         if len(df) < n:
             log.warning("merge dropped %d duplicate rows (same cell written twice)", n - len(df))
         df = df.sort_values(
-            ["method", "mode", "layer", "layers", "alpha", "prompt_id", "sample"], kind="stable"
+            ["concept", "method", "mode", "layer", "layers", "alpha", "prompt_id", "sample"], kind="stable"
         ).reset_index(drop=True)
         out = self.path / "results.parquet"
         table = pa.Table.from_pandas(df, preserve_index=False)

@@ -23,10 +23,10 @@ from .vectors import VectorSet
 log = logging.getLogger(__name__)
 
 
-def steering_of(cell, vsets: dict[str, VectorSet]) -> list[tuple]:
-    """A cell's per-row steering: (layer, alpha, that layer's vector of the cell's method, mode) for
-    every layer it steers (`hooks.row_deltas`)."""
-    vs = vsets[cell.method]
+def steering_of(cell, vsets: dict[tuple[str, str], VectorSet]) -> list[tuple]:
+    """A cell's per-row steering: (layer, alpha, that layer's vector of the cell's concept and method,
+    mode) for every layer it steers (`hooks.row_deltas`)."""
+    vs = vsets[(cell.concept, cell.method)]
     return [(layer, cell.alpha, vs.vectors[layer], cell.mode) for layer in cell.steered_layers]
 
 
@@ -38,7 +38,7 @@ class Scorer:
         cfg: DictConfig,
         model,
         tokenizer,
-        vsets: dict[str, VectorSet],
+        vsets: dict[tuple[str, str], VectorSet],
         inputs: dict,
         prompt_ids: dict[str, list[int]],
         folder: RunFolder,
@@ -58,14 +58,15 @@ class Scorer:
             from .judge import Judge
 
             self.judge = Judge(cfg.eval.judge)
-        # per (method, layer) constants of every row (hashing a vector per row would be wasted work)
-        self.vec_ids = {(m, layer): vs.vector_id(layer) for m, vs in vsets.items() for layer in vs.vectors}
-        self.norms = {(m, layer): vs.norm(layer) for m, vs in vsets.items() for layer in vs.vectors}
+        # per (concept, method, layer) constants of every row (hashing a vector per row would be wasted work)
+        self.vec_ids = {(*k, layer): vs.vector_id(layer) for k, vs in vsets.items() for layer in vs.vectors}
+        self.norms = {(*k, layer): vs.norm(layer) for k, vs in vsets.items() for layer in vs.vectors}
 
-    def setting(self, c: Cell) -> tuple[str, float, str, str]:
-        """The key of a per-setting metric: (layer set, alpha, method, mode) as the rows record them,
-        so `RunFolder.setting_done` finds it again after a restart."""
-        return (c.label, float(c.alpha), self.vsets[c.method].method, c.mode)
+    def setting(self, c: Cell) -> tuple[str, str, float, str, str]:
+        """The key of a per-setting metric: (concept, layer set, alpha, method, mode) as the rows record
+        them, so `RunFolder.setting_done` finds it again after a restart."""
+        vs = self.vsets[(c.concept, c.method)]
+        return (vs.concept, c.label, float(c.alpha), vs.method, c.mode)
 
     def phase(self, label: str) -> None:
         self.label = label
@@ -99,13 +100,13 @@ class Scorer:
         judged = self.judge.score([c.prompt for c in cells], [o.text for o in outs]) if self.judge else None
         rows = []
         for i, (c, o) in enumerate(zip(cells, outs, strict=True)):
-            vs = self.vsets[c.method]  # a set of layers: norms of its first layer, ids of all
-            norm, resid = self.norms[(c.method, c.layer)], vs.resid_norms.get(c.layer)
+            vs = self.vsets[(c.concept, c.method)]  # a set of layers: norms of its first layer, ids of all
+            norm, resid = self.norms[(c.concept, c.method, c.layer)], vs.resid_norms.get(c.layer)
             row = {
                 "run_id": self.run_id, "cell_id": c.cell_id, "batch_id": batch.batch_id, "model": cfg.model.name,
                 "layer": c.layer, "layers": c.label, "hook_name": "+".join(hook_name(x) for x in c.steered_layers),
                 "alpha": c.alpha, "alpha_rel": c.alpha * norm / resid if resid else None,
-                "vector_id": "+".join(self.vec_ids[(c.method, x)] for x in c.steered_layers),
+                "vector_id": "+".join(self.vec_ids[(c.concept, c.method, x)] for x in c.steered_layers),
                 "vector_norm": norm, "prompt_id": c.prompt_id,
                 "prompt": c.prompt, "sample": c.sample, "seed": c.seed, "completion": o.text,
                 "n_new_tokens": o.n_new_tokens, "stop_reason": o.stop_reason,

@@ -26,6 +26,7 @@ from .plan import (
     all_layers,
     as_list,
     claim_plan,
+    concepts,
     deal,
     expand,
     finish_command,
@@ -122,7 +123,7 @@ def run_sweep(cfg: DictConfig, model=None, tokenizer=None, load_info: dict | Non
 
 
 def generate_batches(
-    cfg: DictConfig, model, tokenizer, vsets: dict[str, VectorSet], inputs: dict, batches: list[Batch],
+    cfg: DictConfig, model, tokenizer, vsets: dict[tuple[str, str], VectorSet], inputs: dict, batches: list[Batch],
     folder: RunFolder, worker: str, show_progress: bool = True,
 ) -> int:  # fmt: skip
     """Generate, score and write each planned batch (one part file per batch). Returns rows written.
@@ -150,12 +151,25 @@ def generate_batches(
     written = 0
     seen = [0]  # tokens made or released in the current batch
 
+    attempt = [0, 0]  # tokens and budget released by the decode now running
+
     def on_step(tokens: int, finished: int, step: int) -> None:
         released = finished * (gen.max_new_tokens - step - 1)
         seen[0] += tokens + released
+        attempt[0] += tokens
+        attempt[1] += released
         progress.step(tokens, released)
 
     def run(cells):
+        attempt[:] = [0, 0]
+        try:
+            return decode(cells)
+        except BaseException:  # out of memory: the retry makes these tokens again, count them once
+            seen[0] -= sum(attempt)
+            progress.step(-attempt[0], -attempt[1])
+            raise
+
+    def decode(cells):
         steering = [steering_of(c, vsets) for c in cells]
         return G.generate_rows(
             model, tokenizer, [prompt_ids[c.prompt_id] for c in cells], steering, gen,
@@ -198,57 +212,72 @@ def generate_batches(
 # Vectors and provenance
 
 
-def vector_path(folder: RunFolder, methods: list[str], method: str) -> Path:
-    """Where a run keeps its computed vectors: `vectors.safetensors` for the first (or only) method,
-    `vectors-<method>.safetensors` for the others."""
-    return folder.path / ("vectors.safetensors" if method == methods[0] else f"vectors-{method}.safetensors")
+def vector_path(folder: RunFolder, keys: list[tuple[str, str]], key: tuple[str, str]) -> Path:
+    """Where a run keeps computed vectors, per (concept, method): `vectors.safetensors` for the first,
+    `vectors-<method>.safetensors` (one concept) or `vectors-<concept>-<method>.safetensors` for the others."""
+    if key == keys[0]:
+        return folder.path / "vectors.safetensors"
+    concept, method = key
+    return folder.path / (f"vectors-{method}.safetensors" if len({c for c, _ in keys}) == 1
+                          else f"vectors-{concept}-{method}.safetensors")  # fmt: skip
 
 
-def get_vectors(cfg: DictConfig, model, tokenizer, inputs: dict, folder: RunFolder) -> dict[str, VectorSet]:
-    """{method: VectorSet}: load them (a file, or the ones this run already computed) or compute the
-    missing methods in one pass over the pairs and save them."""
+def vector_keys(cfg: DictConfig) -> list[tuple[str, str]]:
+    """The run's (concept, method) pairs, in grid order: one VectorSet each."""
+    return [(c, str(m)) for c, _ in concepts(cfg) for m in as_list(cfg.vectors.method)]
+
+
+def get_vectors(cfg: DictConfig, model, tokenizer, inputs: dict, folder: RunFolder) -> dict[tuple[str, str], VectorSet]:
+    """{(concept, method): VectorSet}: loaded (files, or the ones this run already computed) or the
+    missing ones computed, every method of a concept in one pass over its pairs, and saved."""
     from .hooks import get_layers
 
     layers = all_layers(cfg, len(get_layers(model, cfg.model.layers_path)))
-    methods = [str(m) for m in as_list(cfg.vectors.method)]
-    sets: dict[str, VectorSet] = {}
+    keys = vector_keys(cfg)
+    sets: dict[tuple[str, str], VectorSet] = {}
     if cfg.vectors.source == "file":
-        sets[methods[0]] = inputs["vectors"]
+        sets = {key: inputs["vectors"][key[0]] for key in keys}  # one method per file (validated)
     else:
-        for m in methods:
-            saved = vector_path(folder, methods, m)
+        for key in keys:
+            saved = vector_path(folder, keys, key)
             if saved.is_file() and set(layers) <= set(load(saved).vectors):
-                sets[m] = load(saved, cfg.vectors.concept)  # resume: exactly the vectors the rows were made with
-        todo = [m for m in methods if m not in sets]
-        if todo:
+                sets[key] = load(saved, key[0])  # resume: exactly the vectors the rows were made with
+        for concept, _ in concepts(cfg):
+            todo = [m for c, m in keys if c == concept and (c, m) not in sets]
+            if not todo:
+                continue
+            pairs = inputs["pairs"][concept]
             t0 = time.perf_counter()
             made = compute_methods(
-                model, tokenizer, inputs["pairs"], layers, cfg.vectors.concept, todo, cfg.vectors.position,
-                cfg.vectors.batch_size, cfg.vectors.chat_template, cfg.model.layers_path, cfg.model.name,
-                cfg.vectors.read_at, cfg.vectors.logistic_c,
+                model, tokenizer, pairs, layers, concept, todo, cfg.vectors.position, cfg.vectors.batch_size,
+                cfg.vectors.chat_template, cfg.model.layers_path, cfg.model.name, cfg.vectors.read_at,
+                cfg.vectors.logistic_c,
             )  # fmt: skip
             log.info(
-                "computed %d vectors (%s) from %d pairs in %.1f s",
-                len(layers) * len(todo), ", ".join(todo), len(inputs["pairs"]), time.perf_counter() - t0,
+                "computed %d %s vectors (%s) from %d pairs in %.1f s",
+                len(layers) * len(todo), concept, ", ".join(todo), len(pairs), time.perf_counter() - t0,
             )  # fmt: skip
             for m, vs in made.items():
-                sets[m] = vs
+                sets[(concept, m)] = vs
                 if cfg.vectors.save:
-                    save(vs, vector_path(folder, methods, m))
-    for m, vs in sets.items():
+                    save(vs, vector_path(folder, keys, (concept, m)))
+    for key, vs in sets.items():
         if cfg.vectors.normalize:
-            vs = sets[m] = vs.normalized()
+            vs = sets[key] = vs.normalized()
         missing = [layer for layer in layers if layer not in vs.resid_norms]
         if missing:  # loaded vectors without norms: measure the residual stream on the prompts
             texts = [p["prompt"] for p in inputs["prompts"]]
             _, norms = mean_activation(model, tokenizer, texts, missing, -1, 16, cfg.model.layers_path)
             vs.resid_norms.update(norms)
-    return {m: sets[m] for m in methods}
+    return {key: sets[key] for key in keys}
 
 
-def manifest(cfg: DictConfig, plan: RunPlan, vsets: dict[str, VectorSet] | None, load_info: dict | None, shard) -> dict:
+def manifest(
+    cfg: DictConfig, plan: RunPlan, vsets: dict[tuple[str, str], VectorSet] | None, load_info: dict | None, shard
+) -> dict:
     """The run's provenance. `vectors`: per layer, the vector's id, hash and norms; with several
-    methods, one such table per method (`vectors_by_method`), the first method's also under `vectors`."""
+    concepts or methods, one such table per "<concept>/<method>" (`vectors_by_set`), the first's also
+    under `vectors`."""
 
     steered = sorted({layer for c in plan.cells for layer in c.steered_layers})
 
@@ -261,7 +290,7 @@ def manifest(cfg: DictConfig, plan: RunPlan, vsets: dict[str, VectorSet] | None,
             for layer in steered
         }  # fmt: skip
 
-    tables = {m: table(vs) for m, vs in (vsets or {}).items()}
+    tables = {f"{c}/{m}": table(vs) for (c, m), vs in (vsets or {}).items()}
     return {
         "identity": plan.identity,
         "identity_hash": plan.identity_hash,
@@ -274,7 +303,7 @@ def manifest(cfg: DictConfig, plan: RunPlan, vsets: dict[str, VectorSet] | None,
         "dtype": dtype_decision(cfg.model.dtype),
         "load": load_info,
         "vectors": next(iter(tables.values())) if tables else None,
-        "vectors_by_method": tables if len(tables) > 1 else None,
+        "vectors_by_set": tables if len(tables) > 1 else None,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -383,13 +412,13 @@ def compute_vectors_only(cfg: DictConfig) -> dict:
     model, tokenizer, _ = load_model(cfg.model, cfg.memory)
     tokenizer.padding_side = "left"
     vsets = get_vectors(cfg, model, tokenizer, st.inputs, st.folder)
-    methods = list(vsets)
-    for m, vs in vsets.items():
-        path = vector_path(st.folder, methods, m)
+    keys = list(vsets)
+    for key, vs in vsets.items():
+        path = vector_path(st.folder, keys, key)
         if not path.is_file():
             save(vs, path)
         for layer in sorted(vs.vectors):
-            print(f"{m + ' ' if len(methods) > 1 else ''}layer {layer}: |v| = {vs.norm(layer):.3f}  mean |h| = "
-                  f"{vs.resid_norms.get(layer, float('nan')):.3f}")  # fmt: skip
+            print(f"{'/'.join(key) + ' ' if len(keys) > 1 else ''}layer {layer}: |v| = {vs.norm(layer):.3f}  "
+                  f"mean |h| = {vs.resid_norms.get(layer, float('nan')):.3f}")  # fmt: skip
         print(f"vectors saved to {path}")
-    return {"vectors": str(vector_path(st.folder, methods, methods[0]))}
+    return {"vectors": str(vector_path(st.folder, keys, keys[0]))}

@@ -73,7 +73,7 @@ def validate_static(cfg: DictConfig) -> None:
     from .vectors import METHODS
 
     check(_parses(parse_positions, st.positions), f"steering.positions={st.positions}: {POSITIONS_HELP}")
-    from .plan import as_list
+    from .plan import as_list, concepts
 
     for key, values, known in (("steering.mode", st.mode, MODES), ("vectors.method", vec.method, METHODS)):
         values = as_list(values)
@@ -81,6 +81,11 @@ def validate_static(cfg: DictConfig) -> None:
         for v in values:
             check(isinstance(v, str) and v in known, f"{key}={v}: use one of {', '.join(known)} (or a list of them)")
         check(len(set(values)) == len(values), f"{key}={values} repeats a value: list each once")
+    try:
+        names = [c for c, _ in concepts(cfg)]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    check(len(set(names)) == len(names), f"vectors.concept={names} repeats a concept: list each once")
     check(
         vec.source == "compute" or len(as_list(vec.method)) == 1,
         f"vectors.method={list(as_list(vec.method))} with vectors.source=file: a file holds one set of vectors; "
@@ -274,11 +279,13 @@ def validate_inputs(cfg: DictConfig, hf) -> dict:
     Datasets go through `data`'s adapters (our JSONL, CAA JSON, plain-text prompts; see data.py) into
     the internal forms: prompts {id, prompt}; pairs {id, format, positive, negative[, question]};
     behaviour items in the eval.behavior_format form."""
+    from .plan import concepts
+
     out: dict = {}
     try:
         out["prompts"] = data.load_prompts(cfg.prompts.dataset, cfg.prompts.limit)
-        if cfg.vectors.source == "compute":
-            out["pairs"] = data.load_pairs(cfg.vectors.dataset)
+        if cfg.vectors.source == "compute":  # {concept: pairs}
+            out["pairs"] = {concept: data.load_pairs(source) for concept, source in concepts(cfg)}
         if "word_rate" in cfg.eval.metrics:
             out["word_lists"] = data.load_word_lists(cfg.eval.word_lists)
         if "behavior_prob" in cfg.eval.metrics:
@@ -286,16 +293,18 @@ def validate_inputs(cfg: DictConfig, hf) -> dict:
             out["behavior_items"] = items[: cfg.eval.behavior_limit] if cfg.eval.behavior_limit else items
     except data.DatasetError as e:
         raise ConfigError(str(e)) from None
-    if cfg.vectors.source == "file":
-        from .plan import all_layers
+    if cfg.vectors.source == "file":  # {concept: VectorSet}
+        from .plan import all_layers, concepts
         from .vectors import VectorError, load
 
-        try:
-            vs = load(cfg.vectors.path, None)
-            vs.validate(hf.hidden_size, hf.num_hidden_layers, all_layers(cfg, hf.num_hidden_layers))
-        except VectorError as e:
-            raise ConfigError(str(e)) from None
-        out["vectors"] = vs
+        out["vectors"] = {}
+        for concept, path in concepts(cfg):
+            try:
+                vs = load(path, None)
+                vs.validate(hf.hidden_size, hf.num_hidden_layers, all_layers(cfg, hf.num_hidden_layers))
+            except VectorError as e:
+                raise ConfigError(str(e)) from None
+            out["vectors"][concept] = vs
     return out
 
 
