@@ -632,7 +632,16 @@ def test_a_sweep_over_methods_modes_and_layer_sets(tiny, tokenizer, embedded_dir
         spec = [(layer, row.alpha, vsets[row.method].vectors[layer], row["mode"]) for layer in layers]
         ids = encode_prompts(tokenizer, [row.prompt], gen)
         assert generate_rows(tiny, tokenizer, ids, [spec], gen)[0].text == row.completion, row.cell_id
-        assert row.vector_id == "+".join(vsets[row.method].vector_id(layer) for layer in layers)
+        if len(layers) == 1:
+            assert row.vector_id == vsets[row.method].vector_id(layers[0])
+        else:  # the set's id: concept, label, and the hash of its layers' own tensor hashes
+            import hashlib
+
+            own = "|".join(
+                f"{k}:{hashlib.sha256(vsets[row.method].vectors[k].numpy().tobytes()).hexdigest()}" for k in layers
+            )
+            assert row.vector_id == f"sentiment-L1+3-{hashlib.sha256(own.encode()).hexdigest()[:12]}"
+            assert row.hook_name == "blocks.1.hook_resid_post+blocks.3.hook_resid_post"
     steered = df[df.alpha != 0]
     assert steered.groupby(["prompt_id", "layers", "alpha"]).completion.nunique().max() > 1  # variants differ
     assert steered.groupby(["method", "mode", "layers"]).behavior_prob.first().nunique() > 1

@@ -56,14 +56,14 @@ def profile_step(model, tok, w: Workload, group: list[int], device: torch.device
     with torch.inference_mode(), steer(model, row_deltas(w.steering(group))):
         out, prefill_s = timed(lambda: model(**enc, use_cache=True, logits_to_keep=1), device)
         cache = out.past_key_values
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        nxt = out.logits[:, -1].float().argmax(-1, keepdim=True)  # as the decode loop: float32 logits
 
         def step():
             nonlocal mask, nxt
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             pos = position_ids(mask)[:, -1:]
             o = model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-            nxt = o.logits[:, -1].argmax(-1, keepdim=True)
+            nxt = o.logits[:, -1].float().argmax(-1, keepdim=True)
 
         wall = min(timed(step, device)[1] for _ in range(3))
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

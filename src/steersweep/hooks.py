@@ -62,9 +62,14 @@ def get_layers(model: nn.Module, path: str | None = None) -> nn.ModuleList:
     )
 
 
-def hook_name(layer: int) -> str:
-    """TransformerLens name of the residual stream after `layer` (what the steering hook edits)."""
-    return f"blocks.{layer}.hook_resid_post"
+def hook_name(layer: int | Sequence[int], label: str = "") -> str:
+    """TransformerLens name of the residual stream after `layer` (what the steering hook edits); for a
+    set of layers the names joined by "+", for the set `all` `blocks.*.hook_resid_post`."""
+    if isinstance(layer, int):
+        return f"blocks.{layer}.hook_resid_post"
+    if label == "all":
+        return "blocks.*.hook_resid_post"
+    return "+".join(hook_name(x) for x in layer)
 
 
 # How a row's direction acts on the residual stream h at a steered position (u = v / |v|):

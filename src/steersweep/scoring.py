@@ -58,9 +58,15 @@ class Scorer:
             from .judge import Judge
 
             self.judge = Judge(cfg.eval.judge)
-        # per (concept, method, layer) constants of every row (hashing a vector per row would be wasted work)
-        self.vec_ids = {(*k, layer): vs.vector_id(layer) for k, vs in vsets.items() for layer in vs.vectors}
+        # per (concept, method, layer set) constants of every row (hashing vectors per row would be wasted work)
+        self.vec_ids: dict[tuple[str, str, str], str] = {}
         self.norms = {(*k, layer): vs.norm(layer) for k, vs in vsets.items() for layer in vs.vectors}
+
+    def vector_id(self, c: Cell) -> str:
+        key = (c.concept, c.method, c.label)
+        if key not in self.vec_ids:
+            self.vec_ids[key] = self.vsets[(c.concept, c.method)].set_id(c.steered_layers, c.label)
+        return self.vec_ids[key]
 
     def setting(self, c: Cell) -> tuple[str, str, float, str, str]:
         """The key of a per-setting metric: (concept, layer set, alpha, method, mode) as the rows record
@@ -104,9 +110,9 @@ class Scorer:
             norm, resid = self.norms[(c.concept, c.method, c.layer)], vs.resid_norms.get(c.layer)
             row = {
                 "run_id": self.run_id, "cell_id": c.cell_id, "batch_id": batch.batch_id, "model": cfg.model.name,
-                "layer": c.layer, "layers": c.label, "hook_name": "+".join(hook_name(x) for x in c.steered_layers),
+                "layer": c.layer, "layers": c.label, "hook_name": hook_name(c.steered_layers, c.label),
                 "alpha": c.alpha, "alpha_rel": c.alpha * norm / resid if resid else None,
-                "vector_id": "+".join(self.vec_ids[(c.concept, c.method, x)] for x in c.steered_layers),
+                "vector_id": self.vector_id(c),
                 "vector_norm": norm, "prompt_id": c.prompt_id,
                 "prompt": c.prompt, "sample": c.sample, "seed": c.seed, "completion": o.text,
                 "n_new_tokens": o.n_new_tokens, "stop_reason": o.stop_reason,

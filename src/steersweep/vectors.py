@@ -52,6 +52,14 @@ class VectorSet:
         """Stable id: concept, layer and the first 12 hex digits of the tensor's hash."""
         return f"{self.concept}-L{layer}-{self.sha256(layer)[:12]}"
 
+    def set_id(self, layers: Sequence[int], label: str) -> str:
+        """Id of the vectors a cell steering several layers uses: `vector_id` for one layer, else the
+        concept, the set's label and 12 hex digits of the hash of its layers' hashes."""
+        if len(layers) == 1:
+            return self.vector_id(layers[0])
+        digest = hashlib.sha256("|".join(f"{k}:{self.sha256(k)}" for k in layers).encode()).hexdigest()
+        return f"{self.concept}-L{label}-{digest[:12]}"
+
     def validate(self, hidden_size: int, num_layers: int, layers: Sequence[int] = ()) -> None:
         """Refuse wrong widths, NaN/Inf, out-of-range layers and missing requested layers."""
         for layer, v in self.vectors.items():
