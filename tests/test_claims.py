@@ -81,7 +81,7 @@ def _run(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
                           timeout=300, env=env)  # fmt: skip
 
 
-def test_status_of_a_half_done_sharded_folder(tmp_path):
+def test_status_of_a_half_done_sharded_folder(tmp_path, capsys):
     """Shard 0 of 2 finished, shard 1 never ran: status names what is missing and how to finish."""
     from steersweep.plan import claim_plan, deal
 
@@ -107,6 +107,14 @@ def test_status_of_a_half_done_sharded_folder(tmp_path):
     r2 = subprocess.run(cmd.replace("python", f"{sys.executable}", 1).replace("run_experiment.py", "run_experiment.py task=status", 1),
                         shell=True, cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r2.returncode == 0 and "cells present: 8/16" in r2.stdout, r2.stderr[-2000:]
+    # a worker that ends before the others prints a status command that works as printed too
+    from steersweep.sweep import finish
+
+    finish(cfg, folder, plan, 8)
+    see = capsys.readouterr().out.split("see: ")[1].splitlines()[0].strip()
+    r3 = subprocess.run(see.replace("python", f"{sys.executable}", 1), shell=True, cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)  # fmt: skip
+    assert r3.returncode == 0 and "cells present: 8/16" in r3.stdout, (see, r3.stderr[-2000:])
 
 
 def test_multirun_bad_value_is_one_line_before_anything_is_submitted(tmp_path):

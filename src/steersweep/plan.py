@@ -329,12 +329,17 @@ def launch_command() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
-def finish_command(command: list[str], folder: Path) -> str:
-    keep = [a for a in command if a.split("=")[0].lstrip("+~") not in ("shard_index", "shard_count", "run_dir", "task")]
+def run_dir_arg(folder: Path) -> str:
+    """`run_dir=<folder>` as one shell word: Hydra's quoting for odd characters, then the shell's."""
     path = str(folder)
     if not re.fullmatch(r"[\w./-]+", path):  # Hydra's grammar: quote, then the shell's quoting on top
         path = '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return " ".join(["python run_experiment.py", *map(shlex.quote, keep), shlex.quote(f"run_dir={path}")])
+    return shlex.quote(f"run_dir={path}")
+
+
+def finish_command(command: list[str], folder: Path) -> str:
+    keep = [a for a in command if a.split("=")[0].lstrip("+~") not in ("shard_index", "shard_count", "run_dir", "task")]
+    return " ".join(["python run_experiment.py", *map(shlex.quote, keep), run_dir_arg(folder)])
 
 
 @dataclass

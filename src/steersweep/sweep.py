@@ -34,6 +34,7 @@ from .plan import (
     identity,
     identity_hash,
     read_plan_doc,
+    run_dir_arg,
     shard_of,
     worker_name,
 )
@@ -322,7 +323,7 @@ def finish(cfg: DictConfig, folder: RunFolder, plan: RunPlan, written: int) -> d
         print(
             f"wrote {written} new rows into {folder.parts}; {present}/{len(all_ids)} cells present "
             f"(the other shards' batches; the last worker to finish merges).\n"
-            f"  see: python run_experiment.py task=status run_dir={folder.path}"
+            f"  see: python run_experiment.py task=status {run_dir_arg(folder.path)}"
         )
         return summary
     df, path = folder.merge(csv=cfg.report.csv, keep=all_ids)
