@@ -18,6 +18,7 @@ def test_llama70b_plan_on_stated_hardware(capsys):
     plans = plan(cfg)
     out = capsys.readouterr().out
     assert "80 layers" in out
+    assert "grid: 16 prompts x 3 layers x 5 alphas = 240 cells" in out
     p8, p4, p2, p2small = plans
     # 70.6B bf16 params = 131.4 GiB: fits 2 x 72 GiB (90% of 80), not 2 x 43.2 GiB
     assert p8.fits_on_gpus and p4.fits_on_gpus and p2.fits_on_gpus and not p2small.fits_on_gpus
@@ -39,3 +40,16 @@ def test_plan_cli_runs_without_weights():
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert "28 layers" in r.stdout and "1x24GiB" in r.stdout
+
+
+def test_plan_names_the_grid_axes_and_their_cells(capsys):
+    """task=plan says what the grid is before anything runs: every axis with more than one value."""
+    from steersweep.app import plan
+
+    cfg = make("task=plan", "memory.plan_hardware=[1x24GiB]", "steering.layers=[10,[10,14],all]",
+               "vectors.method=[mean_diff,logistic]", "steering.mode=[add,ablate]", "steering.alphas=[0,1]",
+               "prompts.limit=3")  # fmt: skip
+    plan(cfg)
+    assert "grid: 3 prompts x 2 methods x 2 modes x 3 layer sets x 2 alphas = 72 cells" in capsys.readouterr().out
+    plan(make("task=plan", "memory.plan_hardware=[1x24GiB]", "prompts.limit=3"))
+    assert "grid: 3 prompts x 3 layers x 5 alphas = 45 cells" in capsys.readouterr().out

@@ -25,6 +25,32 @@ USER_ERRORS = (
 )  # fmt: skip
 
 
+def grid_line(cfg: DictConfig, num_layers: int) -> str:
+    """The sweep's grid in words: each axis with its size, and the cells they make."""
+    from . import data
+    from .plan import as_list, concepts, layer_sets
+
+    try:
+        n_prompts = len(data.load_prompts(cfg.prompts.dataset, cfg.prompts.limit))
+    except DatasetError:
+        n_prompts = 0
+    sets = layer_sets(cfg.steering.layers, num_layers)
+    axes = [
+        (n_prompts, "prompts"),
+        (len(concepts(cfg)), "concepts"),
+        (len(as_list(cfg.vectors.method)), "methods"),
+        (len(as_list(cfg.steering.mode)), "modes"),
+        (len(sets), "layers" if all(len(ls) == 1 and label != "all" for label, ls in sets) else "layer sets"),
+        (len(cfg.steering.alphas), "alphas"),
+        (int(cfg.steering.samples), "samples"),
+    ]
+    shown = [f"{n} {name}" for n, name in axes if n != 1 or name in ("prompts", "layers", "layer sets", "alphas")]
+    cells = 1
+    for n, _ in axes:
+        cells *= n
+    return f"grid: {' x '.join(shown)} = {cells} cells"
+
+
 def plan(cfg: DictConfig) -> list:
     """Print, per `memory.plan_hardware` shape, the device map the budget gives, each device's
     headroom after its weights, and the rows of the sweep's length that headroom holds."""
@@ -38,6 +64,7 @@ def plan(cfg: DictConfig) -> list:
         + (f", {quant} quantized (bitsandbytes)" if quant else "")
     )
     print(f"budget: {cfg.memory.gpu_fraction:.0%} of each GPU, CPU spill {cfg.memory.cpu}")
+    print(grid_line(cfg, hf.num_hidden_layers))
     from .loading import fmt_bytes
     from .runtime import cpu_budget
 
