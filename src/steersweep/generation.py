@@ -177,7 +177,7 @@ def _generate(model, input_ids, mask, gen, sampler, cache, pad, eos) -> list[tup
     if sampler is not None:
         kwargs["logits_processor"] = LogitsProcessorList([sampler])
     if cache is not None:
-        kwargs["past_key_values"] = cache
+        kwargs[cache_argument(model)] = cache  # `cache` from transformers 5.24
     out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
     rows = []
     for row in out[:, input_ids.shape[1] :].tolist():
