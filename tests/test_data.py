@@ -365,7 +365,7 @@ def test_validate_inputs_reads_caa_files(caa_ab, tmp_path):
     assert [(p["format"], p["question"], p["positive"]) for p in out["pairs"]["sentiment"]] == [
         ("ab", c["question"], f"({m}") for c, m in zip(CAA_AB, MATCHING, strict=True)
     ]
-    assert [(i["question"], i["A"], i["B"], i["positive"]) for i in out["behavior_items"]] == [
+    assert [(i["question"], i["A"], i["B"], i["positive"]) for i in out["behavior_items"]["sentiment"]] == [
         (s, *o, m) for s, o, m in zip(STEMS, OPTIONS, MATCHING, strict=True)
     ][:3]
 

@@ -675,11 +675,15 @@ def test_two_concepts_in_one_run_from_datasets_and_from_files(tiny, tokenizer, e
 
     pairs = tmp_path / "formal.jsonl"
     pairs.write_text("".join(json.dumps({"positive": a, "negative": b}) + "\n" for a, b in FORMAL))
+    items = tmp_path / "formal_items.jsonl"  # the formal concept's own behaviour items
+    items.write_text("".join(json.dumps({"id": f"f{i}", "prefix": p, "positive": a, "negative": b}) + "\n" for i, (p, a, b) in
+                             enumerate([("The letter began", " Dear Sir", " hey dude"), ("She signed it", " Sincerely", " xoxo")])))  # fmt: skip
     model_dir = tiny_checkpoint(tmp_path / "tiny model", embedded_dir, tiny)
     common = [f"model.path={model_dir}", "model.num_hidden_layers=4", "model.dtype=float32", "prompts.limit=2",
               "generation.max_new_tokens=5", "eval.metrics=[behavior_prob]", "eval.behavior_limit=2",
               "steering.layers=[2]", "steering.alphas=[0,4]", "progress=false", "report.enabled=false"]  # fmt: skip
-    over = [*common, "vectors.concept=[sentiment,formal]", f"vectors.dataset=[sentiment_pairs,{pairs}]"]
+    over = [*common, "vectors.concept=[sentiment,formal]", f"vectors.dataset=[sentiment_pairs,{pairs}]",
+            f"eval.behavior_dataset=[sentiment_continuations,{items}]"]  # fmt: skip
     run = ss.Sweep.from_config(overrides=[*over, f"results_root={tmp_path / 'res'}"])
     df = pd.DataFrame(run.run())
     folder = run.run_dir
@@ -698,6 +702,15 @@ def test_two_concepts_in_one_run_from_datasets_and_from_files(tiny, tokenizer, e
         direct = generate_rows(tiny, tokenizer, ids, [(2, row.alpha, vsets[row.concept].vectors[2])], gen)[0]
         assert direct.text == row.completion and row.vector_id.startswith(f"{row.concept}-L2-")
     assert df[df.alpha != 0].groupby("concept").behavior_prob.first().nunique() == 2
+    # each concept's rows are scored on its own items: alpha 0 is the same model, other items
+    base = df[df.alpha == 0].groupby("concept").behavior_prob.first()
+    assert base["sentiment"] != base["formal"]
+    from steersweep.data import load_behavior_items
+    from steersweep.metrics import behavior_probs, encode_behavior_items, pad_id_of
+
+    enc = encode_behavior_items(tokenizer, load_behavior_items(str(items)), "continuation", True)
+    want = behavior_probs(tiny, enc, [(2, 0.0, vsets["formal"].vectors[2])], pad_id_of(tokenizer))[0][0]
+    assert base["formal"] == pytest.approx(want, abs=1e-6)
     # the same concepts from the saved files, as a user would reuse them
     files = [folder / "vectors.safetensors", folder / "vectors-formal-mean_diff.safetensors"]
     over = [

@@ -113,7 +113,7 @@ class EvalConfig:
         default_factory=lambda: ["word_rate", "distinct", "perplexity", "behavior_prob", "next_token_kl"]
     )
     word_lists: str = "sentiment_words"  # JSON {"positive": [...], "negative": [...]}
-    behavior_dataset: str = "sentiment_continuations"  # two-choice items for behavior_prob
+    behavior_dataset: Any = "sentiment_continuations"  # two-choice items for behavior_prob; or one per concept
     behavior_format: str = "continuation"  # continuation | ab
     behavior_limit: int | None = None  # score only the first N items per cell
     behavior_length_normalize: bool = False  # compare mean (not total) log-prob per answer token

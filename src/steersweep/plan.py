@@ -112,7 +112,8 @@ def input_digests(cfg: DictConfig) -> dict[str, str | None]:
     for i, (_, source) in enumerate(concepts(cfg)):  # the first keeps the key it had before concept lists
         named[("vectors" if cfg.vectors.source == "file" else "pairs") + (f".{i}" if i else "")] = source
     if "behavior_prob" in cfg.eval.metrics:
-        named["behavior_items"] = cfg.eval.behavior_dataset
+        for i, name in enumerate(as_list(cfg.eval.behavior_dataset)):
+            named["behavior_items" + (f".{i}" if i else "")] = name
     out: dict[str, str | None] = {}
     for key, name in named.items():
         path = None

@@ -131,46 +131,55 @@ class Scorer:
             rows.append(row)
         return rows
 
-    def _new_settings(self, cells, done: dict) -> list[tuple[tuple, list[tuple]]]:
-        """The settings of these cells not scored yet: [(setting key, its per-row steering)]."""
-        out: dict[tuple, list[tuple]] = {}
+    def _new_settings(self, cells, done: dict) -> list[tuple[tuple, list[tuple], str]]:
+        """The settings of these cells not scored yet: [(setting key, its per-row steering, the
+        cell's configured concept)]."""
+        out: dict[tuple, tuple[tuple, list[tuple], str]] = {}
         for c in cells:
             key = self.setting(c)
             if key not in done and key not in out:
-                out[key] = steering_of(c, self.vsets)
-        return sorted(out.items(), key=lambda kv: str(kv[0]))
+                out[key] = (key, steering_of(c, self.vsets), c.concept)
+        return [out[k] for k in sorted(out, key=str)]
 
-    def behavior_table(self, settings: list[tuple[tuple, list[tuple]]]) -> dict:
-        """behavior_prob (mean, sem) per setting, scored once per setting with per-row steering.
+    def behavior_table(self, settings: list[tuple[tuple, list[tuple], str]]) -> dict:
+        """behavior_prob (mean, sem) per setting, scored once per setting with per-row steering, on
+        the behaviour items of the setting's concept (`eval.behavior_dataset`, one per concept or one
+        for all).
 
         Answers are scored as the suffix of the jointly encoded context + answer, steered on
         `steering.positions`; `eval.behavior_length_normalize` scores the
         mean log-probability per answer token instead of the total.
         """
         cfg, tok = self.cfg, self.tokenizer
-        t0 = time.perf_counter()
         chat = G.use_chat_template(tok, cfg.generation.chat_template)
-        enc = M.encode_behavior_items(tok, self.inputs["behavior_items"], cfg.eval.behavior_format, chat)
-        rows = [steering for _, steering in settings]
         norm = bool(cfg.eval.behavior_length_normalize)
-        res = with_backoff(lambda bs: M.behavior_probs(
-            self.model, enc, rows, M.pad_id_of(tok), bs, cfg.model.layers_path, cfg.steering.positions, norm
-        ), 32, "behavior_prob")  # fmt: skip
-        log.info(
-            "behavior_prob for %d settings x %d items in %.1f s", len(settings), len(enc), time.perf_counter() - t0
-        )
-        return dict(zip([key for key, _ in settings], res, strict=True))
+        out = {}
+        for concept in dict.fromkeys(concept for _, _, concept in settings):
+            t0 = time.perf_counter()
+            mine = [(key, steering) for key, steering, c in settings if c == concept]
+            items = self.inputs["behavior_items"][concept]
+            enc = M.encode_behavior_items(tok, items, cfg.eval.behavior_format, chat)
+            rows = [steering for _, steering in mine]
+            res = with_backoff(lambda bs, enc=enc, rows=rows: M.behavior_probs(
+                self.model, enc, rows, M.pad_id_of(tok), bs, cfg.model.layers_path, cfg.steering.positions, norm
+            ), 32, "behavior_prob")  # fmt: skip
+            log.info(
+                "behavior_prob for %d settings x %d %s items in %.1f s",
+                len(mine), len(enc), concept, time.perf_counter() - t0,
+            )  # fmt: skip
+            out.update(zip([key for key, _ in mine], res, strict=True))
+        return out
 
-    def kl_table(self, settings: list[tuple[tuple, list[tuple]]]) -> dict:
+    def kl_table(self, settings: list[tuple[tuple, list[tuple], str]]) -> dict:
         """next_token_kl (mean, sem) per setting: KL(steered || unsteered) of the next-token
         distribution at the last position of each sweep prompt (`metrics.next_token_kl`)."""
         cfg = self.cfg
         t0 = time.perf_counter()
         prompts = list(self.prompt_ids.values())
-        rows = [steering for _, steering in settings]
+        rows = [steering for _, steering, _ in settings]
         res = with_backoff(lambda bs: M.next_token_kl(
             self.model, prompts, rows, M.pad_id_of(self.tokenizer), bs, cfg.model.layers_path, cfg.steering.positions
         ), 32, "next_token_kl")  # fmt: skip
         dt = time.perf_counter() - t0
         log.info("next_token_kl for %d settings x %d prompts in %.1f s", len(settings), len(prompts), dt)
-        return dict(zip([key for key, _ in settings], res, strict=True))
+        return dict(zip([key for key, _, _ in settings], res, strict=True))

@@ -273,6 +273,22 @@ def _check_chat_template(cfg: DictConfig) -> None:
     )
 
 
+def behavior_datasets(cfg: DictConfig) -> dict[str, str]:
+    """{concept: its behaviour items}: `eval.behavior_dataset` is one name for every concept, or a
+    list with one per concept (in `vectors.concept`'s order)."""
+    from .plan import as_list, concepts
+
+    names = [c for c, _ in concepts(cfg)]
+    given = [str(x) for x in as_list(cfg.eval.behavior_dataset)]
+    if len(given) == 1:
+        return dict.fromkeys(names, given[0])
+    check(
+        len(given) == len(names),
+        f"eval.behavior_dataset lists {len(given)} datasets for {len(names)} concept(s): give one, or one per concept",
+    )
+    return dict(zip(names, given, strict=True))
+
+
 def validate_inputs(cfg: DictConfig, hf) -> dict:
     """Load the small inputs (datasets, vector files) and check them against the model config.
 
@@ -289,8 +305,10 @@ def validate_inputs(cfg: DictConfig, hf) -> dict:
         if "word_rate" in cfg.eval.metrics:
             out["word_lists"] = data.load_word_lists(cfg.eval.word_lists)
         if "behavior_prob" in cfg.eval.metrics:
-            items = data.load_behavior_items(cfg.eval.behavior_dataset, cfg.eval.behavior_format)
-            out["behavior_items"] = items[: cfg.eval.behavior_limit] if cfg.eval.behavior_limit else items
+            out["behavior_items"] = {}  # {concept: items}: one dataset per concept, or one for all
+            for concept, name in behavior_datasets(cfg).items():
+                items = data.load_behavior_items(name, cfg.eval.behavior_format)
+                out["behavior_items"][concept] = items[: cfg.eval.behavior_limit] if cfg.eval.behavior_limit else items
     except data.DatasetError as e:
         raise ConfigError(str(e)) from None
     if cfg.vectors.source == "file":  # {concept: VectorSet}
