@@ -209,6 +209,25 @@ def test_steer_is_generate_rows_with_per_row_settings(tiny, tokenizer):
         ss.steer(tiny, tokenizer, PROMPTS, [1, 2], 1.0, v, 6)
 
 
+def test_steer_backs_off_on_out_of_memory(tiny, tokenizer, monkeypatch):
+    """A batch that does not fit is halved and retried: same completions, in order, none lost."""
+    import steersweep.generation as G
+
+    v = {1: torch.randn(32) * 4}
+    want = ss.steer(tiny, tokenizer, PROMPTS, 1, 2.0, v, 5)
+    real, sizes = G.generate_rows, []
+
+    def small_memory(model, tok, ids, *a, **kw):
+        sizes.append(len(ids))
+        if len(ids) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, tok, ids, *a, **kw)
+
+    monkeypatch.setattr(G, "generate_rows", small_memory)
+    assert ss.steer(tiny, tokenizer, PROMPTS, 1, 2.0, v, 5, batch_size=4) == want
+    assert sizes[:3] == [3, 2, 1] and len(sizes) == 5
+
+
 def test_behavior_prob_is_the_metric(tiny, tokenizer):
     items = load_behavior_items("sentiment_continuations", "continuation")[:6]
     v = torch.randn(32) * 4

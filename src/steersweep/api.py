@@ -609,7 +609,7 @@ def steer(
         system_prompt: system message for the chat template.
         do_sample, temperature, top_p, seed: sampling; each row's seed derives from `seed` and its
             (prompt, layer, alpha, repeat), so a row samples alike in any batch.
-        batch_size: rows per `generate` call.
+        batch_size: rows per `generate` call (halved while the device runs out of memory).
         layers_path: dotted path to the decoder layers if auto-detection fails.
 
     Returns:
@@ -618,6 +618,7 @@ def steer(
     from .config import GenerationConfig
     from .encoding import encode_prompts
     from .generation import PromptError, generate_rows
+    from .memory import generate_with_backoff
     from .plan import cell_seed
     from .validate import ConfigError
 
@@ -647,12 +648,17 @@ def steer(
             seeds.append(cell_seed(seed, "api", layer_, alpha_, p, seen[(p, layer_, alpha_)]))
             seen[(p, layer_, alpha_)] += 1
     out: list[str] = []
-    for s in range(0, len(rows), max(1, batch_size)):
-        part = generate_rows(
-            model, tokenizer, ids[s : s + batch_size], [(*r, mode) for r in steering[s : s + batch_size]], gen,
-            seeds[s : s + batch_size] if seeds else None, positions, layers_path,
+
+    def run(chunk: list[int]):
+        return generate_rows(
+            model, tokenizer, [ids[i] for i in chunk], [(*steering[i], mode) for i in chunk], gen,
+            [seeds[i] for i in chunk] if seeds else None, positions, layers_path,
         )  # fmt: skip
-        out += [c.text for c in part]
+
+    # chunks of batch_size rows, halved on out-of-memory (the sweep's back-off); rows keep their order
+    generate_with_backoff(
+        run, list(range(len(rows))), max(1, batch_size), lambda c, o, s: out.extend(x.text for x in o)
+    )
     return out
 
 
