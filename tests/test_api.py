@@ -345,3 +345,27 @@ def test_readme_lower_block_and_a_loaded_model_reproduce_the_cli(readme_run, mon
     want = cli_df[(cli_df.layer == ly) & (cli_df.alpha == a)].behavior_prob.iloc[0]
     got = ss.behavior_prob(model, tok, cfg.eval.behavior_dataset, ly, a, vs, limit=cfg.eval.behavior_limit)
     assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_a_sweep_starts_inside_a_hydra_app(tiny, embedded_dir, tmp_path):
+    """A researcher's own @hydra.main script (Hydra already global) runs a sweep: the config is
+    composed beside the app's Hydra, which is put back after."""
+    from conftest import tiny_checkpoint
+
+    model_dir = tiny_checkpoint(tmp_path / "tiny model", embedded_dir, tiny)
+    script = tmp_path / "my_app.py"
+    script.write_text(
+        "import hydra\n"
+        "from hydra.core.global_hydra import GlobalHydra\n"
+        "import steersweep as ss\n\n"
+        "@hydra.main(version_base='1.3', config_path=None, config_name=None)\n"
+        "def main(cfg):\n"
+        "    mine = GlobalHydra.instance().hydra\n"
+        f"    run = ss.Sweep.from_config(overrides=['model.path={model_dir}', 'model.num_hidden_layers=4',\n"
+        "        'prompts.limit=2', 'steering.layers=[1]', 'steering.alphas=[0,2]', 'generation.max_new_tokens=4',\n"
+        f"        'eval.metrics=[]', 'report.enabled=false', 'progress=false'], run_dir={str(tmp_path / 'run')!r})\n"
+        "    print('rows', len(run.run()), GlobalHydra.instance().hydra is mine)\n\n"
+        "main()\n"
+    )
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "rows 4 True" in r.stdout, r.stderr[-2000:]

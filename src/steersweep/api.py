@@ -73,12 +73,22 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     from .config import register_configs
     from .validate import ConfigError
 
+    from hydra.core.global_hydra import GlobalHydra
+
     register_configs()
+    # inside a Hydra app (or after the caller's own `initialize`), Hydra is global: set it aside for
+    # this composition and put it back, so a sweep can start from a @hydra.main script or a notebook
+    outer = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
+    GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             return compose(config_name="config", overrides=[str(o) for o in overrides])
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(compose_error(e)) from None
+    finally:
+        if outer is not None:
+            GlobalHydra.instance().clear()
+            GlobalHydra.instance().initialize(outer)
 
 
 def _override_value(v: Any) -> str:
