@@ -217,8 +217,24 @@ def test_cli_wrong_type_is_one_error_line(tmp_path):
         ("steering.layers", [10, [10]], r"^steering\.layers=\[10, \[10\]\] repeats a layer"),
         ("steering.mode", ["add", "rotate"], r"^steering\.mode=rotate: use one of add, ablate"),
         ("vectors.method", [], r"^vectors\.method is empty"),
+        ("vectors.concept", ["../../etc"], r"^vectors\.concept='\.\./\.\./etc': use letters, digits"),
+        (
+            "vectors.concept",
+            ["a", "b"],
+            r"^vectors\.concept lists 2 concept\(s\) but vectors\.dataset gives 1: give one per",
+        ),
     ],
-    ids=["alpha-str", "layer-float", "layer-str", "layer-set-repeat", "layer-set-dup", "mode-list", "method-empty"],
+    ids=[
+        "alpha-str",
+        "layer-float",
+        "layer-str",
+        "layer-set-repeat",
+        "layer-set-dup",
+        "mode-list",
+        "method-empty",
+        "concept-path",
+        "concept-count",
+    ],
 )
 def test_wrong_type_in_untyped_config_refused(key, value, match):
     cfg = OmegaConf.create(OmegaConf.to_container(make(), resolve=True))  # no schema: as an API user builds it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -86,6 +87,11 @@ def validate_static(cfg: DictConfig) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     check(len(set(names)) == len(names), f"vectors.concept={names} repeats a concept: list each once")
+    for name in names:  # concept names become folder and file names
+        check(
+            re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*", name) is not None,
+            f"vectors.concept={name!r}: use letters, digits and _ . + - (it names folders and files)",
+        )
     check(
         vec.source == "compute" or len(as_list(vec.method)) == 1,
         f"vectors.method={list(as_list(vec.method))} with vectors.source=file: a file holds one set of vectors; "
@@ -316,9 +322,10 @@ def validate_inputs(cfg: DictConfig, hf) -> dict:
         from .vectors import VectorError, load
 
         out["vectors"] = {}
-        for concept, path in concepts(cfg):
-            try:
-                vs = load(path, None)
+        named = concepts(cfg)
+        for concept, path in named:
+            try:  # one file: its own concept name (e.g. a GGUF's); several: the names given for them
+                vs = load(path, concept if len(named) > 1 else None)
                 vs.validate(hf.hidden_size, hf.num_hidden_layers, all_layers(cfg, hf.num_hidden_layers))
             except VectorError as e:
                 raise ConfigError(str(e)) from None
