@@ -725,3 +725,48 @@ def test_two_concepts_in_one_run_from_datasets_and_from_files(tiny, tokenizer, e
                                    df.sort_values(key).completion.reset_index(drop=True))  # fmt: skip
     with pytest.raises(Exception, match="lists 2 concept.* gives 1: give one per concept"):
         ss.Sweep.from_config(overrides=[*common, "vectors.concept=[sentiment,formal]"], run_dir=tmp_path / "x").run()
+
+
+def test_a_multi_axis_grid_resumes_without_rescoring(tiny, embedded_dir, tmp_path, monkeypatch, caplog):
+    """A job that dies after two of its batches (methods x modes x layer sets, 4-row batches) and is
+    run again: the table equals an uninterrupted run's, and the resumed job scores no setting the
+    dead one had scored (their keys are read back from the written rows)."""
+    import logging
+
+    import pandas as pd
+
+    import steersweep as ss
+    from steersweep.results import RunFolder
+
+    model_dir = tiny_checkpoint(tmp_path / "tiny model", embedded_dir, tiny)
+    over = [f"model.path={model_dir}", "model.num_hidden_layers=4", "model.dtype=float32", "prompts.limit=2",
+            "generation.max_new_tokens=4", "generation.batch_size=4", "eval.metrics=[behavior_prob,next_token_kl]",
+            "eval.behavior_limit=2", "steering.layers=[1,[1,3]]", "steering.alphas=[0,3]",
+            "steering.mode=[add,norm_preserving]", "vectors.method=[mean_diff,pca_diff]", "progress=false",
+            "report.enabled=false"]  # fmt: skip
+    ref = pd.DataFrame(ss.Sweep.from_config(overrides=over, run_dir=tmp_path / "ref").run())
+    real, written = RunFolder.write_part, []
+
+    def dies_after_two(self, rows, worker):
+        if len(written) == 2:
+            raise KeyboardInterrupt("killed")
+        written.append(len(rows))
+        return real(self, rows, worker)
+
+    monkeypatch.setattr(RunFolder, "write_part", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        ss.Sweep.from_config(overrides=over, run_dir=tmp_path / "run").run()
+    monkeypatch.setattr(RunFolder, "write_part", real)
+    scored_before = set(RunFolder(tmp_path / "run").behavior_done())
+    assert 0 < len(scored_before) < 16
+    caplog.set_level(logging.INFO, logger="steersweep")
+    again = pd.DataFrame(ss.Sweep.from_config(overrides=over, run_dir=tmp_path / "run").run())
+    key = "cell_id"
+    pd.testing.assert_frame_equal(
+        again.drop(columns=["seconds", "worker", "run_id"]).sort_values(key).reset_index(drop=True),
+        ref.drop(columns=["seconds", "worker", "run_id"]).sort_values(key).reset_index(drop=True),
+    )
+    scored = sum(
+        int(r.getMessage().split()[2]) for r in caplog.records if r.getMessage().startswith("behavior_prob for")
+    )
+    assert scored == 16 - len(scored_before)
