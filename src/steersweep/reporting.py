@@ -47,6 +47,13 @@ OBJECTIVE_THRESHOLD = 0.9
 # Layer-set labels and variants
 
 
+def _wrapped(title: str, width: int = 58) -> str:
+    """A plot title in lines that fit the figure (long variant names were cut at its edge)."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, width)) or title
+
+
 def layers_sort_key(label: object) -> tuple:
     """Natural order of layer-set labels: by first layer, then set size; "all" last.
 
@@ -232,7 +239,7 @@ def heatmap(s: pd.DataFrame, metric: str, model: str, path: Path, variant: str =
     ax.set_xlabel("steering strength alpha")
     ax.set_ylabel(axis_name(p.index))
     where = f"{variant}; {model}" if variant else model
-    ax.set_title(f"{metric}: mean over prompts ({where})" + (", log colour scale" if log else ""))
+    ax.set_title(_wrapped(f"{metric}: mean over prompts ({where})" + (", log colour scale" if log else "")))
     for i in range(p.shape[0]):
         for j in range(p.shape[1]):
             v = p.values[i, j]
@@ -257,7 +264,7 @@ def curves(s: pd.DataFrame, metric: str, model: str, path: Path, variant: str = 
     ax.set_ylabel(f"{metric} (mean, 95% CI)")
     where = f"{variant}; {model}" if variant else model
     per = "layer" if axis_name(mine["layers"]) == "layer" else "layer set"
-    ax.set_title(f"{metric} vs alpha per {per} ({where})")
+    ax.set_title(_wrapped(f"{metric} vs alpha per {per} ({where})"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
