@@ -233,7 +233,11 @@ def is_oom(e: BaseException) -> bool:
 
 
 def _clear_cache() -> None:
+    """Give the failed try's memory back: collect what its frames held, then the CUDA cache."""
     if torch.cuda.is_available():
+        import gc
+
+        gc.collect()
         torch.cuda.empty_cache()
 
 
