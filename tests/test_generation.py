@@ -262,3 +262,39 @@ def test_the_output_head_gets_contiguous_input_in_a_frozen_model(tokenizer):
     # the slice really is strided, so without the hook the head would get a non-contiguous input
     h = torch.randn(3, 7, 32)
     assert not h[:, -1:, :].is_contiguous()
+
+
+def test_top_p_equals_transformers_warper():
+    """Our partial-sort top-p keeps exactly the tokens transformers' warper keeps: peaked and flat
+    rows, cuts inside the top k and beyond it (the warper's own full sort then decides)."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from steersweep.generation import TopP
+
+    cases = 0
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        for scale in (0.5, 2.0, 8.0, 25.0):  # flat ... peaked
+            x = torch.randn(48, 3000, generator=g) * scale
+            for p in (0.3, 0.9, 0.97):
+                for k in (8, 256):
+                    want = TopPLogitsWarper(p)(None, x.clone())
+                    assert torch.equal(TopP(p, k)(None, x.clone()), want), (seed, scale, p, k)
+                    cases += 1
+    # ties at the cut (bf16 logits): every tied token is kept, whatever the vocabulary's order
+    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0, -1.0]])  # probs .48 .18 .18 .18 .06 .02
+    kept = ~torch.isinf(TopP(0.7, 2)(None, logits.clone()))
+    assert kept.tolist() == [[True, True, True, True, False, False]]  # .48 + .18 < .7: the cut is a tie
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(32, 500, generator=g) * 3).to(torch.bfloat16).float()  # bf16 values: many ties
+    perm = torch.randperm(500, generator=g)
+    for k in (4, 256):
+        a = ~torch.isinf(TopP(0.9, k)(None, x.clone()))
+        b = ~torch.isinf(TopP(0.9, k)(None, x[:, perm].clone()))
+        assert torch.equal(a[:, perm], b)
+        assert bool(((x.softmax(-1) * a).sum(-1) >= 0.9 - 1e-6).all())  # at least top_p is kept
+    # both paths ran: some rows' cut lies within the top 8, some beyond
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(48, 3000, generator=g) * 2.0, torch.randn(48, 3000, generator=g) * 8.0])
+    mass8 = x.softmax(-1).topk(8).values.sum(-1)
+    assert bool((mass8 >= 0.9).any()) and bool((mass8 < 0.9).any()) and cases == 288
