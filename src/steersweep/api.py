@@ -66,14 +66,13 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
             message the CLI prints after `error:`.
     """
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     from .cli import compose_error
     from .config import register_configs
     from .validate import ConfigError
-
-    from hydra.core.global_hydra import GlobalHydra
 
     register_configs()
     # inside a Hydra app (or after the caller's own `initialize`), Hydra is global: set it aside for
