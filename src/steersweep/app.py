@@ -25,18 +25,13 @@ USER_ERRORS = (
 )  # fmt: skip
 
 
-def grid_line(cfg: DictConfig, num_layers: int) -> str:
-    """The sweep's grid in words: each axis with its size, and the cells they make."""
-    from . import data
-    from .plan import as_list, concepts, layer_sets
+def grid_line(cfg: DictConfig, num_layers: int, prompts: list[dict]) -> str:
+    """The sweep's grid in words: each axis with more than one value, and the cells the plan makes."""
+    from .plan import as_list, concepts, expand, layer_sets
 
-    try:
-        n_prompts = len(data.load_prompts(cfg.prompts.dataset, cfg.prompts.limit))
-    except DatasetError:
-        n_prompts = 0
     sets = layer_sets(cfg.steering.layers, num_layers)
     axes = [
-        (n_prompts, "prompts"),
+        (len(prompts), "prompts"),
         (len(concepts(cfg)), "concepts"),
         (len(as_list(cfg.vectors.method)), "methods"),
         (len(as_list(cfg.steering.mode)), "modes"),
@@ -45,10 +40,7 @@ def grid_line(cfg: DictConfig, num_layers: int) -> str:
         (int(cfg.steering.samples), "samples"),
     ]
     shown = [f"{n} {name}" for n, name in axes if n != 1 or name in ("prompts", "layers", "layer sets", "alphas")]
-    cells = 1
-    for n, _ in axes:
-        cells *= n
-    return f"grid: {' x '.join(shown)} = {cells} cells"
+    return f"grid: {' x '.join(shown)} = {len(expand(cfg, prompts, '', num_layers))} cells"
 
 
 def plan(cfg: DictConfig) -> list:
@@ -64,7 +56,10 @@ def plan(cfg: DictConfig) -> list:
         + (f", {quant} quantized (bitsandbytes)" if quant else "")
     )
     print(f"budget: {cfg.memory.gpu_fraction:.0%} of each GPU, CPU spill {cfg.memory.cpu}")
-    print(grid_line(cfg, hf.num_hidden_layers))
+    from . import data
+
+    prompts = data.load_prompts(cfg.prompts.dataset, cfg.prompts.limit)  # read once: the grid and the lengths
+    print(grid_line(cfg, hf.num_hidden_layers, prompts))
     from .loading import fmt_bytes
     from .runtime import cpu_budget
 
@@ -72,7 +67,7 @@ def plan(cfg: DictConfig) -> list:
     # limit that set it (a Slurm --mem or cgroup limit the node's RAM figure does not show).
     cpu_here, cpu_why = cpu_budget(str(cfg.memory.cpu))
     print(f"CPU budget here: {fmt_bytes(cpu_here)} ({cpu_why})")
-    prompt_len, how = prompt_tokens(cfg)
+    prompt_len, how = prompt_tokens(cfg, [p["prompt"] for p in prompts])
     seq_len = prompt_len + int(cfg.generation.max_new_tokens)
     print(
         f"rows sized for {seq_len} tokens: longest prompt {prompt_len} ({how}) + max_new_tokens "
@@ -102,15 +97,13 @@ def plan(cfg: DictConfig) -> list:
     return plans
 
 
-def prompt_tokens(cfg: DictConfig) -> tuple[int, str]:
+def prompt_tokens(cfg: DictConfig, texts: list[str]) -> tuple[int, str]:
     """Tokens of the longest prompt as the run encodes it (the checkpoint's tokenizer when it is on
     this machine), else an estimate of 1 token per 3 characters plus 64 for a chat template."""
     from pathlib import Path as P
 
-    from . import data
     from .loading import resolve_model_path
 
-    texts = [p["prompt"] for p in data.load_prompts(cfg.prompts.dataset, cfg.prompts.limit)]
     path = cfg.model.path
     if path is None:
         from .embedded import DEFAULT_MODEL_DIR, STAMP

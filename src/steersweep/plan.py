@@ -181,6 +181,13 @@ def concepts(cfg: DictConfig) -> list[tuple[str, str | None]]:
     return [(n, None if x is None else str(x)) for n, x in zip(names, sources, strict=True)]
 
 
+def set_label(item) -> str:
+    """The label of one `steering.layers` item: "10", "10+14" (its layers sorted) or "all"."""
+    if isinstance(item, (str, int)):
+        return str(item)
+    return "+".join(str(x) for x in sorted(int(x) for x in item))
+
+
 def layer_sets(spec, num_layers: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
     """`steering.layers` -> [(label, layers)]: an int is one layer, a list is one cell steering every
     layer in it ("10+14"), "all" every decoder layer (needs `num_layers`, from the model's config)."""
@@ -193,10 +200,9 @@ def layer_sets(spec, num_layers: int | None = None) -> list[tuple[str, tuple[int
                 raise ValueError("steering.layers=all needs the model's number of layers")
             out.append(("all", tuple(range(num_layers))))
         elif isinstance(item, int):
-            out.append((str(item), (int(item),)))
+            out.append((set_label(item), (int(item),)))
         else:
-            layers = tuple(sorted(int(x) for x in item))
-            out.append(("+".join(map(str, layers)), layers))
+            out.append((set_label(item), tuple(sorted(int(x) for x in item))))
     return out
 
 

@@ -154,6 +154,8 @@ def _check_layer_spec(spec) -> None:
     """`steering.layers`: whole numbers, lists of them, or `all`; no empty list, no repeats."""
     from omegaconf import ListConfig
 
+    from .plan import set_label
+
     items = list(spec) if isinstance(spec, (list, ListConfig)) else [spec]
     check(len(items) > 0, "steering.layers is empty: give at least one layer, e.g. 'steering.layers=[10]'")
     labels = []
@@ -174,7 +176,7 @@ def _check_layer_spec(spec) -> None:
             len(set(members)) == len(members),
             f"steering.layers set {list(members)} repeats a layer: list each layer once",
         )
-        labels.append("+".join(map(str, sorted(members))) if isinstance(item, (list, ListConfig)) else str(item))
+        labels.append(set_label(item))
     check(
         len(set(labels)) == len(labels),
         f"steering.layers={_plain(spec)} repeats a layer: list each layer once",
