@@ -122,7 +122,8 @@ def test_identical_rows_generated_once(tiny, tokenizer):
         out = generate_rows(tiny, tokenizer, prompt_ids, rows, gen_cfg())
     finally:
         h.remove()
-    assert set(batch_sizes) == {4}  # 2 baselines + 2 steered rows, not 8
+    # 2 baselines + 2 steered rows, not 8; the prompt pass below layer 1 runs once per prompt
+    assert batch_sizes[0] == 2 and set(batch_sizes[1:]) == {4}
     assert out[0].token_ids == out[1].token_ids == out[2].token_ids
     alone = generate_rows(tiny, tokenizer, [ids[1]], [(1, 2.0, v)], gen_cfg())[0]
     assert out[7].token_ids == alone.token_ids

@@ -23,7 +23,7 @@ from transformers import (
 
 from .config import GenerationConfig
 from .encoding import encode_prompts  # noqa: F401 (moved to encoding; re-exported for callers)
-from .hooks import contiguous_head, get_layers, row_deltas, row_key, steer
+from .hooks import contiguous_head, get_layers, row_deltas, row_key, shared_trunk, steer
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +144,11 @@ def generate_rows(
         steering: per row (layer, alpha, vector); alpha 0 leaves the row unsteered.
         seeds: per-row sampling seeds (required when `gen.do_sample`).
         positions: "all" or "generated" (last prompt position onward).
-        shared_prefill: with positions="generated", run each distinct prompt's unsteered prefix
-            once and give every row a copy of its KV cache (rows of one prompt differ only from
-            the last prompt token on).
+        shared_prefill: share the prompt pass between rows of one prompt. With positions="generated",
+            each distinct prompt's unsteered prefix runs once and every row gets a copy of its KV
+            cache (rows of one prompt differ only from the last prompt token on); otherwise each
+            decoder layer runs once per distinct state entering it (`hooks.shared_trunk`: rows of
+            one prompt are computed together up to the first layer that steers them apart).
         engine: "loop" (default): our decode loop, which drops rows that finished (EOS) from the
             batch and trims padding no live row needs; "generate": one transformers `generate`
             call (static batching: finished rows are decoded until the last row ends). Token-equal
@@ -189,12 +191,24 @@ def generate_rows(
         with _layer_ticks(model, layers_path, on_layer):
             cache = _shared_prefix_cache(model, prompt_ids, pad, device)
     deltas = row_deltas(steering, positions, [len(p) for p in prompt_ids])  # lengths: positions from:K
+    share = shared_prefill and cache is None  # the prompt pass computes each layer once per distinct state
+
+    @contextlib.contextmanager
+    def prompt_pass():
+        with _layer_ticks(model, layers_path, on_layer):
+            with (
+                shared_trunk(model, input_ids, mask, deltas, layers_path)
+                if share
+                else contextlib.nullcontext() as trunk
+            ):
+                yield trunk
+
     with steer(model, deltas, layers_path):
         if engine == "generate":
             rows = _generate(model, input_ids.to(device), mask.to(device), gen, sampler, cache, pad, eos)
         else:
             rows = _decode(model, input_ids.to(device), mask.to(device), gen, sampler, cache, pad, eos,
-                           list(deltas.values()), on_step, lambda: _layer_ticks(model, layers_path, on_layer))  # fmt: skip
+                           list(deltas.values()), on_step, prompt_pass)  # fmt: skip
     return [Completion(tokenizer.decode(r, skip_special_tokens=True), r, len(r), stop) for r, stop in rows]
 
 
@@ -221,7 +235,7 @@ def _generate(model, input_ids, mask, gen, sampler, cache, pad, eos) -> list[tup
 
 
 def _decode(
-    model, input_ids, mask, gen, sampler, cache, pad, eos, deltas, on_step, prompt_ticks=None
+    model, input_ids, mask, gen, sampler, cache, pad, eos, deltas, on_step, prompt_pass=None
 ) -> list[tuple[list[int], str]]:
     """Greedy (or Gumbel-sampled) decoding with a KV cache that drops finished rows.
 
@@ -230,7 +244,8 @@ def _decode(
     rows have stopped they leave the batch (the cache, the mask, the steering deltas and the
     sampler's generators keep the other rows), and mask columns that no live row attends to are
     trimmed. Which rows leave when is a function of the batch alone, so a batch decodes the same way
-    on every run. `prompt_ticks()`: a context around the first (prompt) forward, for progress.
+    on every run. `prompt_pass()`: a context around the first (prompt) forward, yielding a
+    `hooks.Trunk` when that forward is shared (it then runs on `trunk.feed`'s rows) or None.
     """
     from .encoding import position_ids
 
@@ -249,9 +264,14 @@ def _decode(
     live = list(range(n))  # original row index of each batch row
     stopped = [False] * n  # per batch row: emitted EOS (still in the batch until compaction)
     for step in range(gen.max_new_tokens):
-        with prompt_ticks() if step == 0 and prompt_ticks is not None else contextlib.nullcontext():
-            out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
+        with prompt_pass() if step == 0 and prompt_pass is not None else contextlib.nullcontext() as trunk:
+            fed = (step_ids, mask, step_pos)
+            if trunk is not None:  # a shared prompt pass: one row per distinct prompt goes in, every row comes out
+                fed = tuple(t[trunk.feed.to(t.device)] for t in fed)
+            out = model(input_ids=fed[0], attention_mask=fed[1], position_ids=fed[2], use_cache=True,
                         **{cache_arg: cache}, **keep_last)  # fmt: skip
+            if trunk is not None:
+                trunk.widen_cache(cache_of(out))
         cache = cache_of(out)
         logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
         del out

@@ -11,7 +11,7 @@ the cuda:0 vs cuda:3 mismatch of field report 02 without giving up the KV cache.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -150,6 +150,30 @@ class RowDelta:
         self._cache: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
         self.calls = 0
         self.decoded = 0  # positions seen after the prefill (from:K counts on from the prompt's end)
+        self.view: torch.Tensor | None = None  # batch rows the next call's activations hold (`shared_trunk`)
+
+    def _sel(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-row tensor restricted to `view` (None: every row)."""
+        return t if self.view is None else t[self.view.to(t.device)]
+
+    def _extra(self, b: int) -> tuple:
+        """What besides the per-row tensors decides which of row b's positions are steered."""
+        return (int(self.lengths[b]),) if self.kind == "from" else ()
+
+    def signatures(self) -> list[tuple | None]:
+        """Per row, what this layer does to it: None where it leaves the row as it is (no delta, no
+        ablation, no rescaling). Rows with equal signatures are steered alike by this layer."""
+        out: list[tuple | None] = []
+        for b in range(self.rows):
+            acts: list = []
+            if bool(self.delta[b].any()):
+                acts.append(("add", self.delta[b].numpy().tobytes()))
+            if self.units is not None and bool(self.units[b].any()):
+                acts.append(("ablate", self.units[b].numpy().tobytes()))
+            if self.renorm is not None and bool(self.renorm[b]):
+                acts.append(("renorm",))
+            out.append((self.positions, *acts, *self._extra(b)) if acts else None)
+        return out
 
     def _state(self) -> dict[str, torch.Tensor]:
         s = {"delta": self.delta}
@@ -164,7 +188,7 @@ class RowDelta:
         key = (name, like.device, dtype)
         if key not in self._cache:
             self._cache[key] = self._state()[name].to(device=like.device, dtype=dtype)[:, None, :]
-        return self._cache[key]
+        return self._sel(self._cache[key])
 
     def on(self, like: torch.Tensor) -> torch.Tensor:
         """The [B, 1, H] additive delta on `like`'s device and dtype."""
@@ -218,7 +242,7 @@ class RowDelta:
                 return m
             return None
         cols = torch.arange(n)[None, :]
-        lengths = self.lengths[:, None]
+        lengths = self._sel(self.lengths)[:, None]
         index = lengths - n + cols if prefill else lengths + self.decoded + cols  # token index in the row
         if not prefill:
             self.decoded += n
@@ -226,8 +250,9 @@ class RowDelta:
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        if h.shape[0] != self.rows:
-            raise RuntimeError(f"steering hook got a batch of {h.shape[0]} rows but was built for {self.rows}")
+        rows = self.rows if self.view is None else len(self.view)
+        if h.shape[0] != rows:
+            raise RuntimeError(f"steering hook got a batch of {h.shape[0]} rows but was built for {rows}")
         m = self.mask(h)
         if m is None:
             return self.steered(h)
@@ -236,16 +261,21 @@ class RowDelta:
         return torch.where(m.to(h.device)[:, :, None], self.steered(h), h)
 
 
+def _on_hidden(output, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """A decoder layer's output with its hidden states replaced by `fn(hidden states)`."""
+    if isinstance(output, torch.Tensor):
+        return fn(output)
+    if isinstance(output, tuple):  # older layers return (hidden, attn, ...): keep the type
+        return (fn(output[0]), *output[1:])
+    if hasattr(output, "last_hidden_state"):  # ModelOutput-like
+        output.last_hidden_state = fn(output.last_hidden_state)
+        return output
+    raise TypeError(f"unexpected decoder layer output type {type(output).__name__}")
+
+
 def _steer_hook(rd: RowDelta):
     def hook(module: nn.Module, args: tuple, output):  # noqa: ARG001
-        if isinstance(output, torch.Tensor):
-            return rd.apply(output)
-        if isinstance(output, tuple):  # older layers return (hidden, attn, ...): keep the type
-            return (rd.apply(output[0]), *output[1:])
-        if hasattr(output, "last_hidden_state"):  # ModelOutput-like
-            output.last_hidden_state = rd.apply(output.last_hidden_state)
-            return output
-        raise TypeError(f"unexpected decoder layer output type {type(output).__name__}")
+        return _on_hidden(output, rd.apply)
 
     return hook
 
@@ -313,6 +343,146 @@ def steer(
     finally:
         for h in handles:
             h.remove()
+
+
+class Trunk:
+    """Which rows of a prompt pass compute alike at each decoder layer, so each is computed once.
+
+    Row b's activation entering layer l depends on its tokens and on what the layers before l did
+    to it; rows of one prompt steered at layer 14 and at layer 18 are identical up to layer 14.
+    `classes[l][b]` numbers the distinct states entering layer l (l = 0..n; at n, after the last
+    layer, every row is its own class, as the output head needs them all). The forward runs on
+    one row per class of layer 0 and widens the batch after each layer whose steering splits a
+    class, so an L-layer grid over one prompt costs the layers below the first steered one once.
+    """
+
+    def __init__(self, classes: list[list[int]]):
+        self.classes = classes
+        self.reps = [_firsts(c) for c in classes]  # per layer: the first row of each class
+
+    @classmethod
+    def plan(cls, inputs: Sequence[Hashable], deltas: Mapping[int, RowDelta], n_layers: int) -> Trunk | None:
+        """Classes from per-row inputs (equal keys: equal token ids and mask) and each layer's
+        per-row steering; None when no two rows share even their input."""
+        n = len(inputs)
+        first = _dense(inputs)
+        if max(first, default=-1) + 1 == n:
+            return None
+        classes = [first]
+        for layer in range(n_layers - 1):
+            rd = deltas.get(layer)
+            sig = rd.signatures() if rd is not None else [None] * n
+            classes.append(_dense(list(zip(classes[-1], sig, strict=True))))
+        classes.append(list(range(n)))
+        return cls(classes)
+
+    @property
+    def feed(self) -> torch.Tensor:
+        """The rows the forward is given: one per distinct input."""
+        return torch.tensor(self.reps[0])
+
+    def _map(self, src: int, dst: int) -> torch.Tensor | None:
+        """Index taking layer `src`'s class rows to layer `dst`'s (None: the same rows)."""
+        if len(self.reps[dst]) == len(self.reps[src]):
+            return None
+        return torch.tensor([self.classes[src][r] for r in self.reps[dst]])
+
+    def _widen_inputs(self, layer: int):
+        """Pre-hook: the model computes its mask and position embeddings once, for the fed rows;
+        layer `layer` sees as many rows as it has classes."""
+        index = self._map(0, layer)
+
+        def widen(x):
+            if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == len(self.reps[0]):
+                return x[index.to(x.device)]
+            if isinstance(x, (tuple, list)) and x and all(isinstance(t, torch.Tensor) for t in x):
+                return type(x)(widen(t) for t in x)  # (cos, sin) position embeddings
+            return x
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict):  # noqa: ARG001
+            if index is None:
+                return None
+            # the hidden states (first argument) arrive widened by the previous layer's hook
+            return (args[0], *(widen(a) for a in args[1:])), {
+                k: v if k == "hidden_states" else widen(v) for k, v in kwargs.items()
+            }
+
+        return hook
+
+    def _widen_output(self, layer: int, rd: RowDelta | None):
+        """Forward hook, ahead of any steering hook: split the classes this layer's steering tells
+        apart, and point the steering at the rows the batch now holds."""
+        index = self._map(layer, layer + 1)
+        view = torch.tensor(self.reps[layer + 1])
+
+        def hook(module: nn.Module, args: tuple, output):  # noqa: ARG001
+            if rd is not None:
+                rd.view = None if len(view) == rd.rows else view
+            if index is None:
+                return None
+            return _on_hidden(output, lambda h: h[index.to(h.device)])
+
+        return hook
+
+    def widen_cache(self, cache) -> None:
+        """Give every row its own entry in each layer's KV cache (layer l holds one per class)."""
+        layers = getattr(cache, "layers", None)
+        if layers is None or len(layers) != len(self.classes) - 1:
+            raise RuntimeError(
+                f"a shared prompt pass needs one KV cache layer per decoder layer, got {type(cache).__name__}"
+            )
+        for layer, entry in zip(self.classes, layers, strict=False):
+            if max(layer) + 1 < len(layer):
+                entry.reorder_cache(torch.tensor(layer))
+
+
+def _dense(keys: Sequence[Hashable]) -> list[int]:
+    """Class number per key, in order of first appearance."""
+    ids: dict = {}
+    return [ids.setdefault(k, len(ids)) for k in keys]
+
+
+def _firsts(classes: Sequence[int]) -> list[int]:
+    """The first index of each class number 0, 1, ..."""
+    out: dict[int, int] = {}
+    for i, c in enumerate(classes):
+        out.setdefault(c, i)
+    return [out[c] for c in range(len(out))]
+
+
+@contextlib.contextmanager
+def shared_trunk(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    deltas: Mapping[int, RowDelta],
+    layers_path: str | None = None,
+) -> Iterator[Trunk | None]:
+    """One prompt pass that computes each decoder layer once per distinct row state (`Trunk`).
+
+    `input_ids` and `attention_mask` are the batch's (left-padded: rows of one prompt are equal).
+    Inside the block, call the model on `trunk.feed`'s rows of the batch (the block yields None when
+    no rows share their input: call it on all rows); its outputs have every row again, and
+    `trunk.widen_cache(cache)` gives each row its KV cache. Use it around one full forward, inside
+    `steer(model, deltas)`; equal to the unshared forward row for row (tests/test_trunk.py).
+    """
+    layers = get_layers(model, layers_path)
+    inputs = list(zip(map(tuple, input_ids.tolist()), map(tuple, attention_mask.tolist()), strict=True))
+    trunk = Trunk.plan(inputs, deltas, len(layers))
+    if trunk is None:
+        yield None
+        return
+    handles = []
+    try:
+        for i, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(trunk._widen_inputs(i), with_kwargs=True))
+            handles.append(layer.register_forward_hook(trunk._widen_output(i, deltas.get(i)), prepend=True))
+        yield trunk
+    finally:
+        for h in handles:
+            h.remove()
+        for rd in deltas.values():
+            rd.view = None
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from .encoding import Encoded, EncodingError, encode, model_inputs, pad_id_of  # noqa: F401 (pad_id_of for callers)
-from .hooks import RowDelta, parse_positions, row_deltas, row_key, steer
+from .hooks import RowDelta, parse_positions, row_deltas, row_key, shared_trunk, steer
 
 WORD = re.compile(r"[a-z']+")
 EMOJI = r"[\U0001F300-\U0001FAFF\u2600-\u27BF]"
@@ -65,9 +65,13 @@ class MaskedRowDelta(RowDelta):
         self.fixed = mask.bool()
 
     def mask(self, h: torch.Tensor) -> torch.Tensor | None:
-        if h.shape[:2] != self.fixed.shape:
-            raise RuntimeError(f"steering mask of shape {tuple(self.fixed.shape)} for activations {tuple(h.shape)}")
-        return self.fixed
+        fixed = self._sel(self.fixed)
+        if h.shape[:2] != fixed.shape:
+            raise RuntimeError(f"steering mask of shape {tuple(fixed.shape)} for activations {tuple(h.shape)}")
+        return fixed
+
+    def _extra(self, b: int) -> tuple:
+        return (self.fixed[b].numpy().tobytes(),)
 
 
 def steering_mask(attention_mask: torch.Tensor, tails: Sequence[int], positions: str) -> torch.Tensor:
@@ -120,6 +124,49 @@ def batch_done(done: int, total: int) -> None:
         fn(done, total)
 
 
+def steered_forwards(
+    model,
+    seqs: Sequence[Sequence[int]],
+    tails: Sequence[int],
+    pad_id: int | None,
+    steering: Sequence[tuple] | None,
+    batch_size: int,
+    layers_path: str | None,
+    positions: str,
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor], torch.Tensor]]:
+    """Batched full forwards of `seqs`, each row under its own steering on `positions` (see
+    `steering_mask`; `tails[i]` answer tokens end row i): yields (the rows' indices, their model
+    inputs, logits of the last max(tail) + 1 positions) per batch.
+
+    Steered rows are taken in token order, so the rows of one sequence (one item under many
+    settings) share a batch, and its prompt pass computes each layer once per distinct state
+    (`hooks.shared_trunk`): below the first layer a setting steers, all settings of an item are one
+    row. Which rows share a batch is a function of the inputs alone.
+    """
+    device = model.get_input_embeddings().weight.device
+    order = list(range(len(seqs)))
+    if steering:
+        order.sort(key=lambda i: (len(seqs[i]), tuple(seqs[i])))
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        inputs = model_inputs([seqs[i] for i in idx], pad_id)
+        rows = [steering[i] for i in idx] if steering else []
+        k = [tails[i] for i in idx]
+        deltas = masked_row_deltas(rows, steering_mask(inputs["attention_mask"], k, positions)) if rows else {}
+        with (
+            steer(model, deltas, layers_path),
+            shared_trunk(model, inputs["input_ids"], inputs["attention_mask"], deltas, layers_path)
+            if rows
+            else contextlib.nullcontext() as trunk,
+        ):
+            fed = inputs if trunk is None else {n: v[trunk.feed] for n, v in inputs.items()}
+            logits = model(
+                **{n: v.to(device) for n, v in fed.items()}, use_cache=False, logits_to_keep=max(k) + 1
+            ).logits
+        yield idx, inputs, logits
+        batch_done(s + len(idx), len(order))
+
+
 @torch.inference_mode()
 def score_tails(
     model,
@@ -143,25 +190,19 @@ def score_tails(
     """
     if any(n < 1 or n >= len(s) for s, n in zip(seqs, tails, strict=True)):
         raise ValueError("each scored tail needs at least one token and one token before it")
-    device = model.get_input_embeddings().weight.device
     alts = list(alts) if alts is not None else [None] * len(seqs)
-    out: list[list[float]] = []
-    alt_out: list[float | None] = []
-    for s in range(0, len(seqs), batch_size):
-        chunk, k, alt = seqs[s : s + batch_size], tails[s : s + batch_size], alts[s : s + batch_size]
-        inputs = model_inputs(chunk, pad_id)
-        keep = max(k) + 1
-        rows = steering[s : s + batch_size] if steering else []
-        deltas = masked_row_deltas(rows, steering_mask(inputs["attention_mask"], k, positions)) if rows else {}
-        with steer(model, deltas, layers_path):
-            logits = model(**{n: v.to(device) for n, v in inputs.items()}, logits_to_keep=keep).logits
-        logp = torch.log_softmax(logits[:, -keep:-1].float(), dim=-1).cpu()  # entry j predicts token j+1
-        ids = inputs["input_ids"]
-        lp = logp.gather(-1, ids[:, -keep + 1 :].unsqueeze(-1)).squeeze(-1)  # [b, keep-1]
-        for i, n in enumerate(k):
-            out.append(lp[i, keep - 1 - n :].tolist())
-            alt_out.append(None if alt[i] is None else float(logp[i, keep - 1 - n, int(alt[i])]))
-        batch_done(s + len(chunk), len(seqs))
+    out: list[list[float]] = [[] for _ in seqs]
+    alt_out: list[float | None] = [None] * len(seqs)
+    for idx, inputs, logits in steered_forwards(
+        model, seqs, tails, pad_id, steering, batch_size, layers_path, positions
+    ):
+        keep = logits.shape[1]
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()  # entry j predicts token j+1
+        lp = logp.gather(-1, inputs["input_ids"][:, -keep + 1 :].unsqueeze(-1)).squeeze(-1)  # [b, keep-1]
+        for j, i in enumerate(idx):
+            n = tails[i]
+            out[i] = lp[j, keep - 1 - n :].tolist()
+            alt_out[i] = None if alts[i] is None else float(logp[j, keep - 1 - n, int(alts[i])])
     return out, alt_out
 
 
@@ -339,20 +380,17 @@ def next_token_kl(
     """
     if not prompt_ids:
         raise ValueError("no prompts to measure the next-token KL on")
-    device = model.get_input_embeddings().weight.device
 
     def last_logprobs(steering: Sequence[tuple] | None) -> torch.Tensor:
         seqs = [list(p) for p in prompt_ids] * (len(steering) // len(prompt_ids) if steering else 1)
-        out = []
-        for s in range(0, len(seqs), batch_size):
-            inputs = model_inputs(seqs[s : s + batch_size], pad_id)
-            rows = steering[s : s + batch_size] if steering else []
-            mask = steering_mask(inputs["attention_mask"], [0] * len(rows), positions) if rows else None
-            with steer(model, masked_row_deltas(rows, mask) if rows else {}, layers_path):
-                logits = model(**{n: v.to(device) for n, v in inputs.items()}, logits_to_keep=1).logits
-            out.append(torch.log_softmax(logits[:, -1].double(), dim=-1).cpu())  # small KLs: no cancellation
-            batch_done(s + len(rows or seqs[s : s + batch_size]), len(seqs))
-        return torch.cat(out)
+        out = torch.empty(len(seqs), 0, dtype=torch.float64)
+        batches = steered_forwards(model, seqs, [0] * len(seqs), pad_id, steering, batch_size, layers_path, positions)
+        for idx, _, logits in batches:
+            lp = torch.log_softmax(logits[:, -1].double(), dim=-1).cpu()  # small KLs: no cancellation
+            if out.shape[1] == 0:
+                out = torch.empty(len(seqs), lp.shape[1], dtype=torch.float64)
+            out[idx] = lp
+        return out
 
     base = last_logprobs(None)  # [P, V]
     keys = [row_key(st) for st in settings]

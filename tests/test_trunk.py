@@ -1,0 +1,148 @@
+"""The shared prompt pass (hooks.shared_trunk): each decoder layer runs once per distinct state
+entering it, and every row comes out as if it had been computed alone (float32, tiny random models)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from conftest import tiny_llama
+from omegaconf import OmegaConf
+
+from steersweep.config import GenerationConfig
+from steersweep.encoding import model_inputs
+from steersweep.generation import generate_rows
+from steersweep.hooks import get_layers, row_deltas, shared_trunk, steer
+from steersweep.metrics import behavior_probs, encode_behavior_items, next_token_kl, score_tails
+
+PROMPTS = ["Tell me about your weekend.", "Describe the sea.", "Hi"]
+
+
+def gen_cfg(n: int = 8) -> GenerationConfig:
+    return OmegaConf.structured(GenerationConfig(max_new_tokens=n))
+
+
+def grid_rows(v: dict[int, torch.Tensor]) -> list:
+    """Per prompt: the unsteered row, one layer at two alphas, deeper layers, a layer set, other modes."""
+    return [
+        (1, 0.0, v[1]),
+        (1, 2.0, v[1]),
+        (1, -2.0, v[1]),
+        (3, 2.0, v[3]),
+        (4, 1.5, v[4]),
+        [(1, 1.0, v[1]), (4, 1.0, v[4])],
+        (3, 1.0, v[3], "ablate"),
+        (4, 3.0, v[4], "norm_preserving"),
+        (0, 2.0, v[0], "ablate_add"),
+    ]
+
+
+@contextlib.contextmanager
+def rows_seen(model):
+    """Rows entering each decoder layer, per forward call: {layer: [rows, ...]}."""
+    seen: dict[int, list[int]] = {}
+    handles = [
+        layer.register_forward_pre_hook(lambda m, a, i=i: seen.setdefault(i, []).append(a[0].shape[0]))
+        for i, layer in enumerate(get_layers(model))
+    ]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "from:2"])
+def test_shared_prompt_pass_rows_equal_each_row_alone(tokenizer, positions):
+    model = tiny_llama(layers=6)
+    v = {layer: torch.randn(32) * 2 for layer in range(6)}
+    per_prompt = grid_rows(v)
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS for _ in per_prompt]
+    rows = per_prompt * len(PROMPTS)
+    with rows_seen(model) as seen:
+        batch = generate_rows(model, tokenizer, ids, rows, gen_cfg(), positions=positions)
+    # the prompt pass, per prompt: 1 row into layer 0; layer 0's ablate_add splits off 1 (2 into
+    # layer 1); layer 1's three rows (5 into layers 2 and 3); layer 3's two (7 into layer 4)
+    assert [seen[layer][0] for layer in range(6)] == [3, 6, 15, 15, 21, 27]
+    assert all(n == len(rows) for layer in range(6) for n in seen[layer][1:])  # decoding: every row
+    for i in range(len(rows)):
+        alone = generate_rows(model, tokenizer, [ids[i]], [rows[i]], gen_cfg(), positions=positions)[0]
+        assert batch[i].token_ids == alone.token_ids, (i, positions)
+    assert len({tuple(c.token_ids) for c in batch}) > len(PROMPTS)  # the steering did something
+
+
+def test_shared_prompt_pass_equals_the_unshared_one_exactly(tokenizer):
+    """Logits and every layer's KV cache, bit for bit, against the same batch run without sharing."""
+    model = tiny_llama(layers=6)
+    v = {layer: torch.randn(32) * 2 for layer in range(6)}
+    per_prompt = grid_rows(v)
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS for _ in per_prompt]
+    rows = per_prompt * len(PROMPTS)
+    inputs = model_inputs(ids, 2)
+    with torch.inference_mode():
+        deltas = row_deltas(rows)
+        with steer(model, deltas):
+            plain = model(**inputs, use_cache=True)
+        deltas = row_deltas(rows)
+        with steer(model, deltas), shared_trunk(model, inputs["input_ids"], inputs["attention_mask"], deltas) as trunk:
+            assert trunk is not None and trunk.feed.tolist() == [0, 9, 18]
+            shared = model(**{n: t[trunk.feed] for n, t in inputs.items()}, use_cache=True)
+            trunk.widen_cache(shared.past_key_values)
+    assert torch.equal(shared.logits, plain.logits)
+    for a, b in zip(shared.past_key_values.layers, plain.past_key_values.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert all(rd.view is None for rd in deltas.values())  # the views end with the block
+
+
+def test_rows_with_nothing_in_common_skip_the_trunk(tokenizer):
+    model = tiny_llama()
+    inputs = model_inputs([tokenizer(p)["input_ids"] for p in PROMPTS], 2)
+    deltas = row_deltas([(1, 1.0, torch.randn(32))] * 3)
+    with shared_trunk(model, inputs["input_ids"], inputs["attention_mask"], deltas) as trunk:
+        assert trunk is None
+
+
+def test_scoring_shares_the_prompt_pass_and_equals_the_unshared_batch(tokenizer, monkeypatch):
+    """behaviour log-probs and next-token KL: settings x items in one batch with sharing equal, bit
+    for bit, the same batch without it, and within float32 rounding each row scored alone (alone, a
+    row has no padding: sdpa runs unmasked, which moves the last digit before and after sharing)."""
+    import steersweep.metrics as M
+
+    model = tiny_llama(layers=6)
+    v = {layer: torch.randn(32) * 2 for layer in range(6)}
+    settings = [(1, a, v[1]) for a in (-2.0, 1.0, 2.0)] + [(4, 2.0, v[4]), (3, 1.0, v[3], "ablate")]
+    seqs = [tokenizer(p)["input_ids"] + [300, 301] for p in PROMPTS]
+    all_seqs = [s for _ in settings for s in seqs]
+    steering = [st for st in settings for _ in seqs]
+    tails = [2] * len(all_seqs)
+    items = [{"prefix": p, "positive": " yes, gladly", "negative": " no"} for p in PROMPTS]
+    enc = encode_behavior_items(tokenizer, items, "continuation", chat=False)
+
+    def scores(batch_size: int) -> tuple:
+        return (
+            score_tails(model, all_seqs, tails, 2, steering, batch_size=batch_size)[0],
+            behavior_probs(model, enc, settings, 2, batch_size=batch_size),
+            [next_token_kl(model, seqs, settings, 2, batch_size=batch_size, positions=p) for p in ("all", "generated")],
+        )
+
+    with rows_seen(model) as seen:
+        score_tails(model, all_seqs, tails, 2, steering, batch_size=64)
+    assert seen[0] == [len(PROMPTS)] and seen[5] == [len(all_seqs)]  # one forward, shared below layer 1
+    shared = scores(64)
+    alone = scores(1)
+
+    @contextlib.contextmanager
+    def unshared(*args, **kwargs):
+        yield None
+
+    monkeypatch.setattr(M, "shared_trunk", unshared)
+    with rows_seen(model) as seen:
+        score_tails(model, all_seqs, tails, 2, steering, batch_size=64)
+    assert seen[0] == [len(all_seqs)]
+    assert scores(64) == shared
+    flat = [torch.tensor(x, dtype=torch.float64).flatten() for x in (shared[0], shared[1], shared[2])]
+    ref = [torch.tensor(x, dtype=torch.float64).flatten() for x in (alone[0], alone[1], alone[2])]
+    for a, b in zip(flat, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all(m > 0 for m, _ in shared[2][0])  # the steering moved the next token
