@@ -197,10 +197,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # Tokens the grid decoded: duplicate rows (alpha 0 on several layers) are made once, so they count
     # towards the sweep's output (tok/s) but not towards the FLOPs done (compute-bound fraction).
     decoded = sum(main_w.distinct(g) for g in groups) * T
-    prefill_flops = sum(
-        main_w.distinct(g) * width * (2.0 * non_emb + 2.0 * cfgm.num_hidden_layers * cfgm.hidden_size * width)
-        + main_w.distinct(g) * 2.0 * cfgm.hidden_size * cfgm.vocab_size
-        for g in groups
+    # The prompt pass as generate_rows runs it: distinct rows, each decoder layer once per distinct
+    # state entering it (hooks.Trunk: rows of one prompt are one row below the layer steering them).
+    per_layer_token = 2.0 * non_emb / cfgm.num_hidden_layers + 2.0 * cfgm.hidden_size * width
+    prefill_layer_rows = sum(main_w.prefill_layer_rows(g, cfgm.num_hidden_layers) for g in groups)
+    prefill_flops = (
+        prefill_layer_rows * width * per_layer_token + decoded / T * 2.0 * cfgm.hidden_size * cfgm.vocab_size
     )
     kv_bytes = max(
         mach.kv_cache_bytes(model, len(groups[0]), width + T),
@@ -236,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if missed:
         profile["grid_step"] = profile_step(model, tok, main_w, groups[0], device)
         nums = {"peak": peaks[dtype_name], "fpt": fpt, "prefill_flops": prefill_flops, "rss_phases": rss_phases,
+                "prefill_layer_rows": (prefill_layer_rows, decoded // T * cfgm.num_hidden_layers),
                 "runtime_gib": runtime_gib, "peak_rss": peak_rss, "wkv_gib": wkv_gib, "weight_bytes": weight_bytes,
                 "eos": eos, "values": values, "decoded": decoded}  # fmt: skip
         notes += miss_notes(missed, profile, model, tok, main_w, mm, device, batch, nums)
@@ -325,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "fraction": values["compute_bound_fraction"],
             "decoded_tokens": decoded,
             "fraction_with_prefill": (decoded * fpt + prefill_flops) / d.seconds / peaks[dtype_name],
+            "prefill_layer_rows": prefill_layer_rows,
+            "prefill_layer_rows_unshared": decoded // T * cfgm.num_hidden_layers,
         },
         "memory": {
             "peak_rss_gib": peak_rss,

@@ -45,11 +45,13 @@ def miss_notes(
     if "compute_bound_fraction" in missed:
         gemm_s, gemm_rate = mach.decode_gemm_ceiling(model, rows_d, device, dtype)
         pre = profile["grid_step"]["prefill_seconds"] * len(groups)
+        shared, unshared = nums["prefill_layer_rows"]
         notes.append(
             f"compute bound {peak / 1e9:.0f} GFLOP/s / {fpt / 1e6:.0f} MFLOP per token = {bound_tps:.0f} tok/s; the grid "
             f"decodes {values['compute_bound_fraction'] * bound_tps:.0f} ({values['compute_bound_fraction']:.0%}). Its GEMMs alone, as bare F.linear calls "
             f"of the model's shapes at {rows_d} rows, run at {gemm_rate / 1e9:.0f} GFLOP/s ({gemm_rate / peak:.0%} of the "
-            f"peak): a step made of GEMMs only would give {rows_d / gemm_s / bound_tps:.0%} of the bound. Prefill takes "
+            f"peak): a step made of GEMMs only would give {rows_d / gemm_s / bound_tps:.0%} of the bound. Prefill (shared "
+            f"below the layers that steer rows apart: {shared} of {unshared} decoder-layer rows) takes "
             f"{pre / d.seconds:.0%} of the grid's time and is not counted in FLOPs per generated token (counting it: "
             f"{(nums['decoded'] * fpt + nums['prefill_flops']) / d.seconds / peak:.0%}); the rest is attention, element-wise ops and "
             "per-op dispatch"

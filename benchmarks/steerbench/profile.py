@@ -48,13 +48,23 @@ def profile_step(model, tok, w: Workload, group: list[int], device: torch.device
     from torch.profiler import ProfilerActivity, profile
 
     from steersweep.encoding import model_inputs, pad_id_of, position_ids
-    from steersweep.hooks import row_deltas, steer
+    from steersweep.hooks import row_deltas, shared_trunk, steer
 
     enc = model_inputs(w.ids(group), pad_id_of(tok), device)
     mask = enc["attention_mask"]
     cuda = device.type == "cuda"
-    with torch.inference_mode(), steer(model, row_deltas(w.steering(group))):
-        out, prefill_s = timed(lambda: model(**enc, use_cache=True, logits_to_keep=1), device)
+    deltas = row_deltas(w.steering(group))
+    with torch.inference_mode(), steer(model, deltas):
+
+        def prefill():  # as generate_rows runs it: shared below the layers that steer rows apart
+            with shared_trunk(model, enc["input_ids"], mask, deltas) as trunk:
+                fed = enc if trunk is None else {k: v[trunk.feed.to(v.device)] for k, v in enc.items()}
+                o = model(**fed, use_cache=True, logits_to_keep=1)
+                if trunk is not None:
+                    trunk.widen_cache(o.past_key_values)
+            return o
+
+        out, prefill_s = timed(prefill, device)
         cache = out.past_key_values
         nxt = out.logits[:, -1].float().argmax(-1, keepdim=True)  # as the decode loop: float32 logits
 

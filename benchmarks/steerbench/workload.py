@@ -95,6 +95,23 @@ class Workload:
         return len({(c.prompt, None if c.alpha == 0 else (c.layer, c.alpha), c.seed if self.sampled else None)
                     for c in (self.cells[i] for i in group)})  # fmt: skip
 
+    def prefill_layer_rows(self, group: list[int], n_layers: int) -> int:
+        """Decoder-layer rows the prompt pass of `group` computes in generate_rows: its distinct rows,
+        each layer once per distinct state entering it (`steersweep.hooks.Trunk`)."""
+        from steersweep.hooks import Trunk, row_deltas
+
+        rows = {}  # distinct rows, as generate_rows dedupes them
+        for i in group:
+            c = self.cells[i]
+            rows.setdefault(
+                (c.prompt, None if c.alpha == 0 else (c.layer, c.alpha), c.seed if self.sampled else None), i
+            )
+        kept = list(rows.values())
+        trunk = Trunk.plan([self.cells[i].prompt for i in kept], row_deltas(self.steering(kept)), n_layers)
+        if trunk is None:
+            return len(kept) * n_layers
+        return sum(max(c) + 1 for c in trunk.classes[:n_layers])
+
     @property
     def padded_prompt_len(self) -> int:
         return max(len(p) for p in self.prompt_ids)
