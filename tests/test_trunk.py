@@ -1,9 +1,11 @@
-"""The shared prompt pass (hooks.shared_trunk): each decoder layer runs once per distinct state
-entering it, and every row comes out as if it had been computed alone (float32, tiny random models)."""
+"""Shared prompt passes: each decoder layer runs once per distinct state entering it
+(hooks.shared_trunk), perplexity reads each prompt once (generation.prompt_cache), and every row
+comes out as if it had been computed alone (float32, tiny random models)."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from steersweep.config import GenerationConfig
 from steersweep.encoding import model_inputs
 from steersweep.generation import generate_rows
 from steersweep.hooks import get_layers, row_deltas, shared_trunk, steer
-from steersweep.metrics import behavior_probs, encode_behavior_items, next_token_kl, score_tails
+from steersweep.metrics import behavior_probs, encode_behavior_items, next_token_kl, perplexities, score_tails
 
 PROMPTS = ["Tell me about your weekend.", "Describe the sea.", "Hi"]
 
@@ -146,3 +148,26 @@ def test_scoring_shares_the_prompt_pass_and_equals_the_unshared_batch(tokenizer,
     for a, b in zip(flat, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert all(m > 0 for m, _ in shared[2][0])  # the steering moved the next token
+
+
+def test_perplexity_reads_each_prompt_once_and_equals_a_plain_forward_per_row(tokenizer):
+    """Rows of one prompt continue one KV cache of it; each row's perplexity equals a plain
+    unpadded forward of its prompt + completion (float32 rounding apart)."""
+    model = tiny_llama(layers=3)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    comps = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [], [14, 15]]
+    rows_p = [prompts[i % len(prompts)] for i in range(12)]
+    rows_c = [comps[i % len(comps)] for i in range(12)]
+    with rows_seen(model) as seen:
+        got = perplexities(model, rows_p, rows_c, 2, batch_size=64)
+    assert seen[0][0] == len(PROMPTS)  # the prompts, once each; then every row with a completion
+    assert seen[0][1:] == [sum(1 for c in rows_c if c)]
+    for p, c, ppl in zip(rows_p, rows_c, got, strict=True):
+        if not c:
+            assert math.isnan(ppl)
+            continue
+        with torch.inference_mode():
+            logits = model(torch.tensor([p + c])).logits[0].double()
+        lp = torch.log_softmax(logits, -1)[len(p) - 1 : -1].gather(-1, torch.tensor(c)[:, None])
+        assert ppl == pytest.approx(math.exp(-float(lp.mean())), rel=1e-5)
+    assert len({round(x, 6) for x in got if not math.isnan(x)}) > 3

@@ -189,7 +189,7 @@ def generate_rows(
     cache = None
     if positions == "generated" and shared_prefill and input_ids.shape[1] > 1:
         with _layer_ticks(model, layers_path, on_layer):
-            cache = _shared_prefix_cache(model, prompt_ids, pad, device)
+            cache = prompt_cache(model, prompt_ids, pad, device, drop_last=True)[0]
     deltas = row_deltas(steering, positions, [len(p) for p in prompt_ids])  # lengths: positions from:K
     share = shared_prefill and cache is None  # the prompt pass computes each layer once per distinct state
 
@@ -367,28 +367,25 @@ def _trim_padding(mask: torch.Tensor, cache):
     return mask[:, k:], cache
 
 
-def _shared_prefix_cache(model, prompt_ids: Sequence[Sequence[int]], pad: int, device):
-    """KV cache of every row's prompt minus its last token, computed once per distinct prompt.
+def prompt_cache(model, prompt_ids: Sequence[Sequence[int]], pad: int, device, drop_last: bool = False):
+    """The KV cache of every row's prompt, each distinct prompt computed once, one entry per row.
 
-    Left padding keeps the alignment: dropping the last column of the padded batch gives each
-    prompt's prefix padded to the same width. Position ids follow the attention mask, as
-    `generate` computes them, so the cache equals what generate's own prefill would store.
+    Prompts are left-padded to the longest, so rows stay aligned; with `drop_last` the cache holds
+    each prompt minus its last token (the decode loop feeds that token as its first step). Position
+    ids follow the attention mask, as `generate` computes them, so the cache equals what generate's
+    own prefill would store. Returns (cache, the rows' attention mask over the cached columns,
+    float32 logits at each row's last cached position).
     """
-    index: dict[tuple[int, ...], int] = {}
-    rows = [index.setdefault(tuple(p), len(index)) for p in prompt_ids]
-    uniq = list(index)
-    width = max(len(p) for p in prompt_ids)
-    ids, mask = left_pad(uniq, pad)
-    if ids.shape[1] < width:  # keep the same width as the full batch
-        extra = width - ids.shape[1]
-        ids = torch.cat([torch.full((len(uniq), extra), pad), ids], 1)
-        mask = torch.cat([torch.zeros((len(uniq), extra), dtype=mask.dtype), mask], 1)
-    ids, mask = ids[:, :-1], mask[:, :-1]
-    from .encoding import position_ids
+    from .encoding import model_inputs, position_ids
 
-    pos = position_ids(mask)
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+    index: dict[tuple[int, ...], int] = {}
+    rows = torch.tensor([index.setdefault(tuple(p), len(index)) for p in prompt_ids])
+    enc = model_inputs(list(index), pad)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    if drop_last:
+        ids, mask = ids[:, :-1], mask[:, :-1]
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids(mask).to(device),
                 use_cache=True, logits_to_keep=1)  # fmt: skip
     cache = cache_of(out)
-    cache.reorder_cache(torch.tensor(rows))  # one copy per row, on each layer's own device
-    return cache
+    cache.reorder_cache(rows)  # one copy per row, on each layer's own device
+    return cache, mask[rows], out.logits[:, -1].float()[rows.to(out.logits.device)]

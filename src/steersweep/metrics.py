@@ -220,18 +220,45 @@ def tail_logprobs(
     return score_tails(model, seqs, tails, pad_id, steering, batch_size, layers_path, positions)[0]
 
 
+@torch.inference_mode()
 def perplexities(
     model, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int | None,
     batch_size: int = 32, layers_path: str | None = None,
 ) -> list[float]:  # fmt: skip
-    """Perplexity of each completion given its prompt, with no steering active (nan when empty)."""
+    """Perplexity of each completion given its prompt, with no steering active (nan when empty).
+
+    The rows of one prompt (a sweep's settings) continue one KV cache of it: a batch reads each
+    distinct prompt once (`generation.prompt_cache`), then every row's completion, right-padded.
+    """
+    from .encoding import position_ids
+    from .generation import cache_argument, prompt_cache
+
+    del layers_path  # nothing is steered
+    device = model.get_input_embeddings().weight.device
+    pad = 0 if pad_id is None else int(pad_id)
     out: list[float] = [float("nan")] * len(prompt_ids)
-    idx = [i for i, c in enumerate(completion_ids) if len(c)]
-    seqs = [list(prompt_ids[i]) + list(completion_ids[i]) for i in idx]
-    lps = tail_logprobs(model, seqs, [len(completion_ids[i]) for i in idx], pad_id, None, batch_size, layers_path)
-    for i, lp in zip(idx, lps, strict=True):
-        nll = -sum(lp) / len(lp)
-        out[i] = math.exp(nll) if nll < 700 else float("inf")
+    idx = sorted((i for i, c in enumerate(completion_ids) if len(c)), key=lambda i: tuple(prompt_ids[i]))
+    for s in range(0, len(idx), batch_size):
+        chunk = idx[s : s + batch_size]
+        cache, prompt_mask, first = prompt_cache(model, [prompt_ids[i] for i in chunk], pad, device)
+        comps = [list(completion_ids[i]) for i in chunk]
+        ids = torch.full((len(chunk), max(map(len, comps))), pad, dtype=torch.long)
+        comp_mask = torch.zeros_like(ids)
+        for j, c in enumerate(comps):
+            ids[j, : len(c)], comp_mask[j, : len(c)] = torch.tensor(c), 1
+        mask = torch.cat([prompt_mask, comp_mask], 1)
+        pos = position_ids(mask)[:, prompt_mask.shape[1] :]
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                       use_cache=True, **{cache_argument(model): cache}).logits  # fmt: skip
+        del cache
+        # token 0 is predicted at the prompt's last position, token j > 0 at completion position j - 1
+        lp0 = torch.log_softmax(first.double(), -1).cpu().gather(-1, ids[:, :1])
+        rest = torch.log_softmax(logits[:, :-1].float(), -1).cpu().gather(-1, ids[:, 1:, None]).squeeze(-1)
+        lps = torch.cat([lp0, rest.double()], 1)
+        for j, i in enumerate(chunk):
+            nll = -float(lps[j, : len(comps[j])].sum()) / len(comps[j])
+            out[i] = math.exp(nll) if nll < 700 else float("inf")
+        batch_done(s + len(chunk), len(idx))
     return out
 
 
