@@ -171,3 +171,32 @@ def test_perplexity_reads_each_prompt_once_and_equals_a_plain_forward_per_row(to
         lp = torch.log_softmax(logits, -1)[len(p) - 1 : -1].gather(-1, torch.tensor(c)[:, None])
         assert ppl == pytest.approx(math.exp(-float(lp.mean())), rel=1e-5)
     assert len({round(x, 6) for x in got if not math.isnan(x)}) > 3
+
+
+def test_shared_passes_through_accelerate_offload_hooks(tokenizer, tmp_path):
+    """The layers' own accelerate hooks (here disk offload: weights loaded per forward, as for a
+    model spilling past its GPU budget) wrap the forward inside the trunk's and steering's hooks:
+    generation, scoring and perplexity equal the same model held whole."""
+    import copy
+
+    from accelerate import dispatch_model
+
+    whole = tiny_llama(layers=4)
+    dmap = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    dmap |= {f"model.layers.{i}": "cpu" if i < 2 else "disk" for i in range(4)}
+    model = dispatch_model(copy.deepcopy(whole), device_map=dmap, offload_dir=str(tmp_path))
+    assert model.model.layers[3].self_attn.q_proj.weight.device.type == "meta"  # really offloaded
+    v = {1: torch.randn(32) * 2, 3: torch.randn(32) * 2}
+    per_prompt = [(layer, a, v[layer]) for layer in (1, 3) for a in (0.0, 2.0, -2.0)]
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS for _ in per_prompt]
+    rows = per_prompt * len(PROMPTS)
+
+    def run(m) -> tuple:
+        outs = generate_rows(m, tokenizer, ids, rows, gen_cfg())
+        comps = [o.token_ids for o in outs]
+        tails = score_tails(m, [i + c for i, c in zip(ids, comps, strict=True)], [len(c) for c in comps], 2, rows)[0]
+        return comps, tails, perplexities(m, ids, comps, 2)
+
+    got, ref = run(model), run(whole)
+    assert got == ref
+    assert len({tuple(c) for c in ref[0]}) > len(PROMPTS)
