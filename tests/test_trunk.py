@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 from conftest import tiny_llama
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from steersweep.config import GenerationConfig
@@ -200,3 +202,47 @@ def test_shared_passes_through_accelerate_offload_hooks(tokenizer, tmp_path):
     got, ref = run(model), run(whole)
     assert got == ref
     assert len({tuple(c) for c in ref[0]}) > len(PROMPTS)
+
+
+VECTORS = [torch.randn(8, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+MODES = ["add", "ablate", "ablate_add", "norm_preserving"]
+PART = st.tuples(st.integers(0, 4), st.sampled_from([0.0, 1.0, -2.0]), st.integers(0, 2), st.sampled_from(MODES))
+ROWS = st.lists(
+    st.tuples(st.integers(0, 2), st.lists(PART, max_size=3, unique_by=lambda p: p[0])), min_size=1, max_size=12
+)
+
+
+def effect(part: tuple) -> tuple | None:
+    """What one steering part does, written out plainly: alpha 0 nothing; ablate removes the
+    direction whatever the alpha's size; the other modes depend on alpha."""
+    layer, alpha, vec, mode = part
+    if alpha == 0:
+        return None
+    return (layer, vec, mode) if mode == "ablate" else (layer, alpha, vec, mode)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ROWS)
+def test_trunk_classes_are_the_rows_alike_so_far(batch):
+    """Two rows share a class entering layer l exactly when they have the same input and steer
+    alike on every layer before l; after the last layer every row is its own."""
+    from steersweep.hooks import Trunk
+
+    n_layers = 5
+    inputs = [prompt for prompt, _ in batch]
+    rows = [[(layer, a, VECTORS[v], mode) for layer, a, v, mode in parts] for _, parts in batch]
+    trunk = Trunk.plan(inputs, row_deltas(rows), n_layers)
+    if len(set(inputs)) == len(inputs):
+        assert trunk is None
+        return
+    for layer in range(n_layers):
+        alike = [
+            (prompt, frozenset(e for e in map(effect, parts) if e is not None and e[0] < layer))
+            for prompt, parts in batch
+        ]
+        cls = trunk.classes[layer]
+        for a in range(len(batch)):
+            for b in range(len(batch)):
+                assert (cls[a] == cls[b]) == (alike[a] == alike[b]), (layer, batch[a], batch[b])
+        assert trunk.reps[layer] == [cls.index(c) for c in range(max(cls) + 1)]  # first row of each class
+    assert trunk.classes[n_layers] == list(range(len(batch)))
