@@ -92,20 +92,21 @@ class Workload:
     def distinct(self, group: list[int]) -> int:
         """Rows of `group` that generate_rows decodes: it makes identical rows once (alpha 0 is the same
         unsteered completion on every layer; sampled rows differ by seed)."""
-        return len({(c.prompt, None if c.alpha == 0 else (c.layer, c.alpha), c.seed if self.sampled else None)
-                    for c in (self.cells[i] for i in group)})  # fmt: skip
+        return len({self._row(i) for i in group})
+
+    def _row(self, i: int) -> tuple:
+        """What makes cell i's row distinct in generate_rows (alpha 0 is one row on every layer)."""
+        c = self.cells[i]
+        return c.prompt, None if c.alpha == 0 else (c.layer, c.alpha), c.seed if self.sampled else None
 
     def prefill_layer_rows(self, group: list[int], n_layers: int) -> int:
         """Decoder-layer rows the prompt pass of `group` computes in generate_rows: its distinct rows,
         each layer once per distinct state entering it (`steersweep.hooks.Trunk`)."""
         from steersweep.hooks import Trunk, row_deltas
 
-        rows = {}  # distinct rows, as generate_rows dedupes them
+        rows: dict[tuple, int] = {}  # distinct rows, as generate_rows dedupes them
         for i in group:
-            c = self.cells[i]
-            rows.setdefault(
-                (c.prompt, None if c.alpha == 0 else (c.layer, c.alpha), c.seed if self.sampled else None), i
-            )
+            rows.setdefault(self._row(i), i)
         kept = list(rows.values())
         trunk = Trunk.plan([self.cells[i].prompt for i in kept], row_deltas(self.steering(kept)), n_layers)
         if trunk is None:
