@@ -58,12 +58,8 @@ def run(shape: str, tokens: int = 64) -> dict:
     width = w.padded_prompt_len
     fpt = mach.flops_per_token(model, width + tokens / 2)
     decoded = w.distinct(cells) * tokens
-    non_emb, _ = mach.param_counts(model)
     layer_rows = w.prefill_layer_rows(cells, layers)
-    prefill = (
-        layer_rows * width * (2.0 * non_emb / layers + 2.0 * hidden * width)
-        + w.distinct(cells) * 2.0 * hidden * cfg.vocab_size
-    )
+    prefill = mach.prefill_flops(model, layer_rows, w.distinct(cells), width)
     return {
         "shape": shape,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,

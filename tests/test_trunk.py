@@ -111,7 +111,7 @@ def test_scoring_shares_the_prompt_pass_and_equals_the_unshared_batch(tokenizer,
     """behaviour log-probs and next-token KL: settings x items in one batch with sharing equal, bit
     for bit, the same batch without it, and within float32 rounding each row scored alone (alone, a
     row has no padding: sdpa runs unmasked, which moves the last digit before and after sharing)."""
-    import steersweep.metrics as M
+    import steersweep.generation as G
 
     model = tiny_llama(layers=6)
     v = {layer: torch.randn(32) * 2 for layer in range(6)}
@@ -140,7 +140,7 @@ def test_scoring_shares_the_prompt_pass_and_equals_the_unshared_batch(tokenizer,
     def unshared(*args, **kwargs):
         yield None
 
-    monkeypatch.setattr(M, "shared_trunk", unshared)
+    monkeypatch.setattr(G, "shared_trunk", unshared)  # what generation.shared_forward enters
     with rows_seen(model) as seen:
         score_tails(model, all_seqs, tails, 2, steering, batch_size=64)
     assert seen[0] == [len(all_seqs)]

@@ -192,18 +192,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     fpt = mach.flops_per_token(model, context)
     bound_tps = peaks[dtype_name] / fpt
     cfgm = model.config
-    non_emb, weight_bytes = mach.param_counts(model)
+    _, weight_bytes = mach.param_counts(model)
     groups = main_w.batches(batch)
     # Tokens the grid decoded: duplicate rows (alpha 0 on several layers) are made once, so they count
     # towards the sweep's output (tok/s) but not towards the FLOPs done (compute-bound fraction).
     decoded = sum(main_w.distinct(g) for g in groups) * T
     # The prompt pass as generate_rows runs it: distinct rows, each decoder layer once per distinct
     # state entering it (hooks.Trunk: rows of one prompt are one row below the layer steering them).
-    per_layer_token = 2.0 * non_emb / cfgm.num_hidden_layers + 2.0 * cfgm.hidden_size * width
     prefill_layer_rows = sum(main_w.prefill_layer_rows(g, cfgm.num_hidden_layers) for g in groups)
-    prefill_flops = (
-        prefill_layer_rows * width * per_layer_token + decoded / T * 2.0 * cfgm.hidden_size * cfgm.vocab_size
-    )
+    prefill_flops = mach.prefill_flops(model, prefill_layer_rows, decoded // T, width)
     kv_bytes = max(
         mach.kv_cache_bytes(model, len(groups[0]), width + T),
         mach.kv_cache_bytes(model, len(eos_w.cells), eos_w.padded_prompt_len + eos_w.tokens),

@@ -151,6 +151,17 @@ def flops_per_token(model, context: float) -> float:
     )
 
 
+def prefill_flops(model, layer_rows: int, rows: int, width: int) -> float:
+    """FLOPs of a prompt pass of `width` tokens that computes `layer_rows` decoder-layer rows (each
+    layer once per distinct state entering it: `Workload.prefill_layer_rows`) and the head on the
+    last position of `rows` rows: per layer and token 2 x its parameters + 2 x hidden x width (causal
+    attention, half of the 4 x hidden x context of `flops_per_token`)."""
+    cfg = model.config
+    non_emb, _ = param_counts(model)
+    per_layer_token = 2.0 * non_emb / cfg.num_hidden_layers + 2.0 * cfg.hidden_size * width
+    return layer_rows * width * per_layer_token + rows * 2.0 * cfg.hidden_size * cfg.vocab_size
+
+
 def kv_cache_bytes(model, rows: int, seq_len: int) -> int:
     """KV cache of `rows` rows of `seq_len` tokens in the model's dtype (steersweep.memory's formula)."""
     from steersweep.memory import kv_bytes_per_token

@@ -48,23 +48,16 @@ def profile_step(model, tok, w: Workload, group: list[int], device: torch.device
     from torch.profiler import ProfilerActivity, profile
 
     from steersweep.encoding import model_inputs, pad_id_of, position_ids
-    from steersweep.hooks import row_deltas, shared_trunk, steer
+    from steersweep.generation import shared_forward
+    from steersweep.hooks import row_deltas, steer
 
     enc = model_inputs(w.ids(group), pad_id_of(tok), device)
     mask = enc["attention_mask"]
     cuda = device.type == "cuda"
     deltas = row_deltas(w.steering(group))
     with torch.inference_mode(), steer(model, deltas):
-
-        def prefill():  # as generate_rows runs it: shared below the layers that steer rows apart
-            with shared_trunk(model, enc["input_ids"], mask, deltas) as trunk:
-                fed = enc if trunk is None else {k: v[trunk.feed.to(v.device)] for k, v in enc.items()}
-                o = model(**fed, use_cache=True, logits_to_keep=1)
-                if trunk is not None:
-                    trunk.widen_cache(o.past_key_values)
-            return o
-
-        out, prefill_s = timed(prefill, device)
+        # as generate_rows runs it: shared below the layers that steer rows apart
+        out, prefill_s = timed(lambda: shared_forward(model, deltas, **enc, use_cache=True, logits_to_keep=1), device)
         cache = out.past_key_values
         nxt = out.logits[:, -1].float().argmax(-1, keepdim=True)  # as the decode loop: float32 logits
 

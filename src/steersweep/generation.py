@@ -193,22 +193,16 @@ def generate_rows(
     deltas = row_deltas(steering, positions, [len(p) for p in prompt_ids])  # lengths: positions from:K
     share = shared_prefill and cache is None  # the prompt pass computes each layer once per distinct state
 
-    @contextlib.contextmanager
-    def prompt_pass():
+    def prompt_forward(**inputs):
         with _layer_ticks(model, layers_path, on_layer):
-            with (
-                shared_trunk(model, input_ids, mask, deltas, layers_path)
-                if share
-                else contextlib.nullcontext() as trunk
-            ):
-                yield trunk
+            return shared_forward(model, deltas, layers_path, share, **inputs)
 
     with steer(model, deltas, layers_path):
         if engine == "generate":
             rows = _generate(model, input_ids.to(device), mask.to(device), gen, sampler, cache, pad, eos)
         else:
             rows = _decode(model, input_ids.to(device), mask.to(device), gen, sampler, cache, pad, eos,
-                           list(deltas.values()), on_step, prompt_pass)  # fmt: skip
+                           list(deltas.values()), on_step, prompt_forward)  # fmt: skip
     return [Completion(tokenizer.decode(r, skip_special_tokens=True), r, len(r), stop) for r, stop in rows]
 
 
@@ -235,7 +229,7 @@ def _generate(model, input_ids, mask, gen, sampler, cache, pad, eos) -> list[tup
 
 
 def _decode(
-    model, input_ids, mask, gen, sampler, cache, pad, eos, deltas, on_step, prompt_pass=None
+    model, input_ids, mask, gen, sampler, cache, pad, eos, deltas, on_step, prompt_forward=None
 ) -> list[tuple[list[int], str]]:
     """Greedy (or Gumbel-sampled) decoding with a KV cache that drops finished rows.
 
@@ -244,8 +238,8 @@ def _decode(
     rows have stopped they leave the batch (the cache, the mask, the steering deltas and the
     sampler's generators keep the other rows), and mask columns that no live row attends to are
     trimmed. Which rows leave when is a function of the batch alone, so a batch decodes the same way
-    on every run. `prompt_pass()`: a context around the first (prompt) forward, yielding a
-    `hooks.Trunk` when that forward is shared (it then runs on `trunk.feed`'s rows) or None.
+    on every run. `prompt_forward(**inputs)`: what runs the first (prompt) forward instead of the
+    model (`shared_forward`, with progress ticks).
     """
     from .encoding import position_ids
 
@@ -264,14 +258,9 @@ def _decode(
     live = list(range(n))  # original row index of each batch row
     stopped = [False] * n  # per batch row: emitted EOS (still in the batch until compaction)
     for step in range(gen.max_new_tokens):
-        with prompt_pass() if step == 0 and prompt_pass is not None else contextlib.nullcontext() as trunk:
-            fed = (step_ids, mask, step_pos)
-            if trunk is not None:  # a shared prompt pass: one row per distinct prompt goes in, every row comes out
-                fed = tuple(t[trunk.feed.to(t.device)] for t in fed)
-            out = model(input_ids=fed[0], attention_mask=fed[1], position_ids=fed[2], use_cache=True,
-                        **{cache_arg: cache}, **keep_last)  # fmt: skip
-            if trunk is not None:
-                trunk.widen_cache(cache_of(out))
+        forward = prompt_forward if step == 0 and prompt_forward is not None else model
+        out = forward(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
+                      **{cache_arg: cache}, **keep_last)  # fmt: skip
         cache = cache_of(out)
         logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
         del out
@@ -347,6 +336,26 @@ def cache_of(out):
     """The KV cache a forward pass returned, under either name."""
     cache = out.get("cache")
     return cache if cache is not None else out.get("past_key_values")
+
+
+BATCH_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def shared_forward(model, deltas, layers_path: str | None = None, share: bool = True, **inputs):
+    """`model(**inputs)` for one full forward of a batch (a prompt pass), each decoder layer run once
+    per distinct state entering it (`hooks.shared_trunk`): the model gets one row per distinct input,
+    its output and KV cache have every row. `deltas` are the batch's steering (`steer` must be
+    active); `share=False` is the plain forward."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with shared_trunk(model, ids, mask, deltas, layers_path) if share else contextlib.nullcontext() as trunk:
+        if trunk is None:
+            return model(**inputs)
+        fed = {k: v[trunk.feed.to(v.device)] if k in BATCH_INPUTS else v for k, v in inputs.items()}
+        out = model(**fed)
+        cache = cache_of(out)
+        if cache is not None:
+            trunk.widen_cache(cache)
+        return out
 
 
 def _trim_padding(mask: torch.Tensor, cache):

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from .encoding import Encoded, EncodingError, encode, model_inputs, pad_id_of  # noqa: F401 (pad_id_of for callers)
-from .hooks import RowDelta, parse_positions, row_deltas, row_key, shared_trunk, steer
+from .hooks import RowDelta, parse_positions, row_deltas, row_key, steer
 
 WORD = re.compile(r"[a-z']+")
 EMOJI = r"[\U0001F300-\U0001FAFF\u2600-\u27BF]"
@@ -143,6 +143,8 @@ def steered_forwards(
     (`hooks.shared_trunk`): below the first layer a setting steers, all settings of an item are one
     row. Which rows share a batch is a function of the inputs alone.
     """
+    from .generation import shared_forward
+
     device = model.get_input_embeddings().weight.device
     order = list(range(len(seqs)))
     if steering:
@@ -153,16 +155,11 @@ def steered_forwards(
         rows = [steering[i] for i in idx] if steering else []
         k = [tails[i] for i in idx]
         deltas = masked_row_deltas(rows, steering_mask(inputs["attention_mask"], k, positions)) if rows else {}
-        with (
-            steer(model, deltas, layers_path),
-            shared_trunk(model, inputs["input_ids"], inputs["attention_mask"], deltas, layers_path)
-            if rows
-            else contextlib.nullcontext() as trunk,
-        ):
-            fed = inputs if trunk is None else {n: v[trunk.feed] for n, v in inputs.items()}
-            logits = model(
-                **{n: v.to(device) for n, v in fed.items()}, use_cache=False, logits_to_keep=max(k) + 1
-            ).logits
+        on_device = {n: v.to(device) for n, v in inputs.items()}
+        with steer(model, deltas, layers_path):
+            out = shared_forward(model, deltas, layers_path, bool(rows), **on_device, use_cache=False,
+                                 logits_to_keep=max(k) + 1)  # fmt: skip
+        logits = out.logits
         yield idx, inputs, logits
         batch_done(s + len(idx), len(order))
 
