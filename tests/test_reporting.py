@@ -195,9 +195,11 @@ def test_old_and_new_runs_compared(tmp_path):
         f.to_parquet(d / "results.parquet", index=False)
     text = write_report([new, old]).read_text()
     assert "### sentiment · pca_diff · ablate_add" in text
-    assert "### sentiment\n" in text  # the old run's variant: its concept only
+    assert "### sentiment\n" not in text and "layers 10, 10+14;" in text  # the new run's own tables
     page = (new / "report" / "index.html").read_text()
-    assert "Runs compared" in page and "10+14" in page
+    compared = page.split('<section id="compare">')[1]
+    assert 'valign="top">sentiment</th>' in compared  # the old run's variant: its concept only
+    assert "10+14" in compared
 
 
 def test_multi_variant_report(tmp_path):
@@ -219,3 +221,39 @@ def test_multi_variant_report(tmp_path):
     page = (run / "report" / "index.html").read_text()
     assert "id='best-per-variant'" in page and "id='first-reaching'" in page
     assert page.count("<h3 class='variant'>sentiment · pca_diff · add</h3>") == 2
+
+
+def test_compared_runs_leave_the_main_runs_tables_alone(tmp_path):
+    """`report.compare_runs`: the main run's summary, table_*.csv, best cell and header come from its
+    own rows; the compared run (same model and variant, overlapping and extra alphas, higher
+    behaviour) shows only in the page's "Runs compared" section and browser."""
+    one = variant_table()
+    main = one[(one.method == "mean_diff") & (one["mode"] == "add")].reset_index(drop=True)
+    other = main[main.alpha.isin([0.0, 2.0])].assign(run_id="b", behavior_prob=lambda f: f.behavior_prob + 0.05)
+    extra = main[main.alpha == 2.0].assign(run_id="b", alpha=8.0, behavior_prob=0.99, perplexity=10.0)
+    other = pd.concat([other, extra], ignore_index=True)
+    a, b = tmp_path / "A", tmp_path / "B"
+    for d, f in ((a, main), (b, other)):
+        d.mkdir()
+        f.to_parquet(d / "results.parquet", index=False)
+
+    text = write_report([a, b]).read_text()
+
+    for metric in ("behavior_prob", "perplexity"):
+        got = pd.read_csv(a / "report" / f"table_{metric}.csv", dtype={"layers": str})
+        want = main.groupby(["layers", "alpha"])[metric].agg(["mean", "count"]).reset_index()
+        both = want.merge(got, on=["layers", "alpha"], how="outer", indicator=True)
+        assert (both["_merge"] == "both").all(), both[["layers", "alpha", "_merge"]]
+        assert list(both["n"]) == list(both["count"])
+        np.testing.assert_allclose(both["mean_y"], both["mean_x"])
+    assert f"{len(main)} completions;" in text and "alphas -1, 0, 1, 2, 4;" in text
+    assert "α=8" not in text
+    cfg = ReportConfig()
+    cells = expected_cells(main, cfg)
+    ok = cells[cells.ok & (cells.alpha != 0)]
+    want = ok.loc[ok.objective.idxmax()]
+    assert f"**layers {want.layers}, alpha {want.alpha:g}** ({cfg.objective} = {want.objective:.3f}" in text
+    page = (a / "report" / "index.html").read_text()
+    summary = page.split("<section id='summary'>")[1].split("</section>")[0]
+    assert f"{len(main)} completions;" in summary and "alpha 8" not in summary
+    assert "Runs compared" in page and "<th>8.0</th>" in page.split('<section id="compare">')[1]

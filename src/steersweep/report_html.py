@@ -32,6 +32,7 @@ from .reporting import (
     layer_order,
     layers_sort_key,
     metric_columns,
+    overview,
     summarize,
     tidy,
     variant_columns,
@@ -181,7 +182,6 @@ def compare_section(runs: Sequence[tuple[str, pd.DataFrame]], cfg: ReportConfig)
 def write_html(
     path: Path,
     title: str,
-    df: pd.DataFrame,
     runs: Sequence[tuple[str, pd.DataFrame]],
     cfg: ReportConfig,
     best: tuple[pd.Series | None, str],
@@ -193,26 +193,30 @@ def write_html(
     Args:
         path: where index.html goes (report/ of the first run folder).
         title: the page title (the runs' folder names).
-        df: all runs' rows together (as the Markdown summary reads them).
-        runs: (folder name, table) per run, the report's own first.
+        runs: (folder name, table) per run, the report's own first: the summary, best cell and
+            sections are its alone; the others join the completions browser and "Runs compared".
         cfg: the report settings (objective, fluency constraint).
-        best: `reporting.best_cell(df, cfg)`.
+        best: `reporting.best_cell(own rows, cfg)`.
         sections: per metric, what summary.md shows (interval note; per variant a pivot and PNGs).
         tables: (title, note, table) shown in the summary: `reporting.variant_tables` (several
             variants only).
     """
-    from .reporting import overview
-
     assets = files("steersweep") / "assets"
     t = html.escape(title)
     nav = ["<a href='#summary'>Summary</a>", "<a href='#browser'>Completions</a>"]
     nav += [f"<a href='#metric-{html.escape(s.metric)}'>{html.escape(s.metric)}</a>" for s in sections]
     if len(runs) > 1:
         nav.append("<a href='#compare'>Runs compared</a>")
+    others = ", ".join(name for name, _ in runs[1:])
+    own = (
+        f"<p class='note'>Summary and metric tables: {html.escape(runs[0][0])} only; "
+        f"<a href='#compare'>Runs compared</a> puts {html.escape(others)} beside it.</p>"
+    )
     body = [
         f"<header><h1>{t}</h1><nav>{' · '.join(nav)}</nav></header>",
         "<section id='summary'><h2>Summary</h2>",
-        f"<p>{html.escape(overview(df))}</p>",
+        f"<p>{html.escape(overview(runs[0][1]))}</p>",
+        *([own] if len(runs) > 1 else []),
         f"<p id='best'>Best cell: {_best_text(*best, cfg.objective, bool(tables))}</p>",
     ]
     for i, (name, note, table) in enumerate(tables):

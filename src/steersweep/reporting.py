@@ -41,6 +41,8 @@ VARIANT_COLUMNS = ("concept", "method", "mode")
 VARIANT_SEP = " · "
 # Default objective level of `first_alpha_reaching` ("which variant reaches behaviour 0.9 ...").
 OBJECTIVE_THRESHOLD = 0.9
+# The report's front page in `report/` (write_report returns summary.md beside it).
+PAGE = "index.html"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,7 +498,9 @@ def write_report(
 
     Args:
         run_dirs: a run folder with a merged results.parquet, or several (the first holds the report;
-            the others are compared with it, as `report.compare_runs` asks).
+            the others are compared with it, as `report.compare_runs` asks). Every table, picture,
+            the best cell and the summary come from the first run's rows alone; the others appear
+            beside them in index.html ("Runs compared" and the completions browser).
         cfg: objective and fluency constraint for the best cell (default `ReportConfig()`).
         threshold: the objective level of the "first alpha reaching" table (several variants only).
 
@@ -513,12 +517,20 @@ def write_report(
         if not table.is_file():
             raise ResultsError(f"{table} not found: run task=merge run_dir={quote(str(d))} first")
         frames.append(pd.read_parquet(table))
-    df = pd.concat(frames, ignore_index=True)
+    # The run's own tables come from its own rows: compared runs are only put beside them, in the
+    # page's "Runs compared" section and its completions browser (each row labelled by its run).
+    df = frames[0]
     multi = len(variants(df)) > 1
     out = dirs[0] / "report"
     out.mkdir(parents=True, exist_ok=True)
     title = f"Steering sweep report: {', '.join(d.name for d in dirs)}"
     lines = [f"# {title}", "", overview(df), ""]
+    if len(dirs) > 1:
+        others = ", ".join(d.name for d in dirs[1:])
+        lines += [
+            f"Tables below: {dirs[0].name} only; compared with {others} side by side in {PAGE} (Runs compared).",
+            "",
+        ]
     best, rule = best_cell(df, cfg)
     lines.append("## Best cell")
     if best is not None:
@@ -572,5 +584,5 @@ def write_report(
     from .report_html import write_html
 
     runs = [(d.name, f) for d, f in zip(dirs, frames, strict=True)]
-    write_html(out / "index.html", title, df, runs, cfg, (best, rule), sections, tables)
+    write_html(out / PAGE, title, runs, cfg, (best, rule), sections, tables)
     return path
