@@ -157,6 +157,7 @@ def test_report_page_in_chromium(runs, browser, tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     index = a / "report" / "index.html"
+    assert f"report written to {index}" in r.stdout  # the front page, not summary.md
     df = pd.read_parquet(a / "results.parquet")
 
     browser.open(index)

@@ -6,6 +6,7 @@ Every expected value is computed here with plain pandas, independently of steers
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -257,3 +258,24 @@ def test_compared_runs_leave_the_main_runs_tables_alone(tmp_path):
     summary = page.split("<section id='summary'>")[1].split("</section>")[0]
     assert f"{len(main)} completions;" in summary and "alpha 8" not in summary
     assert "Runs compared" in page and "<th>8.0</th>" in page.split('<section id="compare">')[1]
+
+
+def test_task_report_prints_the_page(tmp_path, capsys):
+    """`task=report` (with a run compared) says where index.html, the report's front page, is."""
+    from hydra import compose, initialize_config_dir
+
+    from steersweep.app import run
+    from steersweep.config import register_configs
+
+    one = variant_table()
+    a, b = tmp_path / "run a", tmp_path / "run b"
+    for d, f in ((a, one[one.method == "mean_diff"]), (b, one[one.method == "pca_diff"])):
+        d.mkdir()
+        f.to_parquet(d / "results.parquet", index=False)
+    register_configs()
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["task=report", f"run_dir='{a}'", f"report.compare_runs=['{b}']"])
+    run(cfg)
+    assert capsys.readouterr().out.splitlines()[-1] == f"report written to {a / 'report' / 'index.html'}"
+    assert (a / "report" / "index.html").is_file() and (a / "report" / "summary.md").is_file()

@@ -152,11 +152,12 @@ def run(cfg: DictConfig) -> dict | list | Path:
             print(f"merged {len(df)} rows into {path}")
             if cfg.task == "merge":
                 return path
-        from .reporting import write_report
+        from .reporting import PAGE, write_report
 
-        path = write_report([folder.path, *map(Path, cfg.report.compare_runs)], cfg.report)
-        print(f"report written to {path}")
-        return path
+        summary = write_report([folder.path, *map(Path, cfg.report.compare_runs)], cfg.report)
+        page = summary.with_name(PAGE)  # the front page: summary, tables, plots, completions browser
+        print(f"report written to {page}")
+        return page
     if cfg.task == "vectors":
         from .sweep import compute_vectors_only
 
