@@ -732,6 +732,9 @@ def test_cli_refuses(setup, match, tmp_path):
     assert not (tmp_path / "code-ran").exists()
     no_results(run)
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("*.parquet"))
+    # a refused job leaves no log in the folder it was refused from (a resume's holds another job's plan)
+    assert not (run / "logs").exists(), list((run / "logs").iterdir())
+    assert "log: " not in r.stdout + r.stderr
 
 
 def test_corpus_size():

@@ -4,7 +4,9 @@ Hydra is told to write nothing of its own for a plain run (conf/config.yaml: `hy
 `output_subdir: null`, console-only logging), so `task=plan`, `task=status` or a refused input leave
 no trace under results/. A run's records are held in memory until its folder exists (the sweep
 creates it only after every check has passed), then go to `logs/<start time>-<host>-<pid>.log`, which begins
-with the command line; a run refused before its folder exists writes nothing at all.
+with the command line. A run refused before it claims its folder writes nothing at all, also when the
+folder exists already and holds another config's plan (a `run_dir` reused with other settings): the log
+waits until plan.json names this config's identity.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import time
 from pathlib import Path
 
 from omegaconf import DictConfig
+
+from .plan import folder_for, identity, identity_hash, read_plan_doc
 
 FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
@@ -34,6 +38,8 @@ class RunLog(logging.Handler):
         self.pending: list[str] = []
         self.path: Path | None = None
         self._folder: Path | None = None
+        self._hash: str | None = None
+        self._foreign = False  # the folder holds another config's plan: this job is refused, never logs there
 
     def folder(self) -> Path | None:
         """The run folder of this config (computed once; None if the config cannot name one)."""
@@ -41,12 +47,25 @@ class RunLog(logging.Handler):
             if self.cfg.task != "run":  # plan, status, report...: nothing of theirs is kept
                 return None
             try:
-                from .sweep import run_folder
-
-                self._folder = run_folder(self.cfg).path
+                self._hash = identity_hash(identity(self.cfg))
+                self._folder = folder_for(self.cfg, self._hash)
             except Exception:  # a config refused later, with its own message
                 return None
         return self._folder
+
+    def claimed(self, folder: Path) -> bool:
+        """Whether `folder` holds this config's plan (claimed by this job, or joined: a resume, a shard)."""
+        if self._foreign:
+            return False
+        try:
+            doc = read_plan_doc(folder)
+        except Exception:  # an unreadable or older plan: refused with its own message
+            return False
+        if doc is None:  # not claimed yet: maybe never
+            return False
+        # plan.json is written once (an exclusive create): another identity there stays there
+        self._foreign = doc.get("identity_hash") != self._hash
+        return not self._foreign
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -59,7 +78,7 @@ class RunLog(logging.Handler):
         self.pending.append(line)
         if self.path is None:
             folder = self.folder()
-            if folder is None or not (folder / "plan.json").is_file():  # not claimed yet: maybe never
+            if folder is None or not self.claimed(folder):
                 return
             # host and PID: shards and ranks of one run start in the same second
             self.path = folder / "logs" / f"{self.started}-{socket.gethostname()}-{os.getpid()}.log"
