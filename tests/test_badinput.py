@@ -154,7 +154,12 @@ STATIC = [
     (["generation.chat_template=yes"], r"^generation\.chat_template=yes: use auto, on or off"),
     (["memory.gpu_fraction=0"], r"^memory\.gpu_fraction=0\.0 must be in \(0, 1\], e\.g\. 0\.9"),
     (["memory.gpu_fraction=1.5"], r"^memory\.gpu_fraction=1\.5 must be in \(0, 1\], e\.g\. 0\.9"),
-    (["memory.offload_state_dict=true"], r"^memory\.offload_state_dict=true is refused: .*remove it"),
+    (
+        ["memory.offload_state_dict=true"],
+        r"^memory\.offload_state_dict=true is refused: it makes transformers stage the whole state dict through "
+        r"CPU and disk while loading, which stalls or hangs 70B loads; remove it: device_map=auto with max_memory "
+        r"already places the weights$",
+    ),
     (["memory.disk_offload=true"], r"^memory\.disk_offload=true needs memory\.offload_folder="),
     (["memory.cpu=12Gb"], r"^memory\.cpu: cannot read size '12Gb': write it like 80GiB"),
     (["memory.cpu=lots"], r"^memory\.cpu: cannot read size 'lots': write it like 80GiB"),
@@ -205,6 +210,79 @@ def test_cli_wrong_type_is_one_error_line(tmp_path):
     assert r.returncode != 0 and "steering.alphas" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def cli_error(capsys, *args: str) -> str:
+    from steersweep.cli import precheck
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ei:
+        precheck(list(args), CONF)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert ei.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0].removeprefix("error: ")
+
+
+def test_key_of_another_group_names_that_group_and_its_refusal(capsys):
+    msg = cli_error(capsys, "model.offload_state_dict=true")
+    assert msg == (
+        "Could not override 'model.offload_state_dict'. Key 'offload_state_dict' not in 'ModelConfig': "
+        "it is a memory key, and memory.offload_state_dict=true is refused: it makes transformers stage the whole "
+        "state dict through CPU and disk while loading, which stalls or hangs 70B loads; remove it: "
+        "device_map=auto with max_memory already places the weights"
+    )
+    msg = cli_error(capsys, "model.gpu_fraction=0.8")
+    assert msg == (
+        "Could not override 'model.gpu_fraction'. Key 'gpu_fraction' not in 'ModelConfig': "
+        "it is a memory key: write memory.gpu_fraction=0.8"
+    )
+
+
+@pytest.mark.parametrize(
+    "value, want",
+    [
+        (
+            "0,abc",
+            "-m steering.alphas=0,abc: 'abc' is not a number, and a comma list after -m makes one job per value "
+            "while steering.alphas takes a list: write e.g. steering.alphas=[0,2] (one job, every value) or "
+            "'steering.alphas=[0],[2]' (a job per value)",
+        ),
+        (
+            "0,4",
+            "-m steering.alphas=0,4: a comma list after -m makes one job per value while steering.alphas takes "
+            "a list: write steering.alphas=[0,4] (one job, every value) or 'steering.alphas=[0],[4]' (a job per value)",
+        ),
+        (
+            "1,x,y",
+            "-m steering.alphas=1,x,y: 'x', 'y' are not numbers, and a comma list after -m makes one job per value "
+            "while steering.alphas takes a list: write e.g. steering.alphas=[0,2] (one job, every value) or "
+            "'steering.alphas=[0],[2]' (a job per value)",
+        ),
+    ],
+)
+def test_multirun_comma_list_of_a_list_key_names_its_values(value, want, capsys):
+    assert cli_error(capsys, "-m", "experiment=quick", f"steering.alphas={value}") == want
+
+
+# The "Wrong types" table of docs/bad-inputs.md: each documented command-line message, as printed.
+CLI_TYPED = [
+    (["steering.alphas=[a,b]"], "steering.alphas=[a,b]: steering.alphas takes numbers, not 'a': write e.g. steering.alphas=[0,2]"),
+    (["steering.alphas=2"], "steering.alphas=2: steering.alphas takes a list: write steering.alphas=[2]"),
+    (["generation.max_new_tokens=many"], "generation.max_new_tokens=many: Value 'many' of type 'str' could not be converted to Integer"),
+    (["generation.do_sample=maybe"], "generation.do_sample=maybe: Value 'maybe' is not a valid bool (type str)"),
+    (["steering.alpah=[1]"], "Could not override 'steering.alpah'. Key 'alpah' not in 'SteeringConfig'; valid keys: layers, alphas,"),
+    (["model.offload_state_dict=true"], "Could not override 'model.offload_state_dict'. Key 'offload_state_dict' not in 'ModelConfig': it is a memory key, and memory.offload_state_dict=true is refused: "),
+    (["model.run_dir=x"], "Could not override 'model.run_dir'. Key 'run_dir' not in 'ModelConfig': it is a top-level key: write run_dir=x"),
+    (["-m", "steering.alphas=0,abc"], "-m steering.alphas=0,abc: 'abc' is not a number, and a comma list after -m makes one job per value while steering.alphas takes a list: write e.g. steering.alphas=[0,2] (one job, every value) or 'steering.alphas=[0],[2]' (a job per value)"),
+    (["model=llama9000"], "In 'config': Could not find 'model/llama9000'; available: llama70b,"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args, want", CLI_TYPED, ids=[a[-1] for a, _ in CLI_TYPED])
+def test_cli_type_messages_are_the_documented_ones(args, want, capsys):
+    assert cli_error(capsys, *args).startswith(want)
+    doc = (ROOT / "docs" / "bad-inputs.md").read_text()
+    assert f"`{want}" in doc, f"docs/bad-inputs.md does not show: {want}"
 
 
 @pytest.mark.parametrize(
@@ -463,6 +541,12 @@ DATASETS = [
         r":3: not valid JSON \(.*\): fix or remove that line$",
     ),
     (
+        "unterminated-string",
+        "prompts.dataset",
+        [PROMPT % 1, '{"id": "p2", "prompt": "oops}'],
+        r":2: not valid JSON \(Unterminated string starting at: column 24\): fix or remove that line$",
+    ),
+    (
         "missing-key",
         "prompts.dataset",
         [PROMPT % 1, '{"id": "p2", "text": "Hello"}'],
@@ -497,7 +581,7 @@ DATASETS = [
         "json-array-broken",
         "prompts.dataset",
         ("prompts.json", '[\n  {"question": "Hi?"},\n  {"question": }\n]\n'),
-        r"prompts\.json: not valid JSON \(Expecting value at line 3 column 16\): fix it; expected a JSON array of "
+        r"prompts\.json: not valid JSON \(Expecting value: line 3 column 16\): fix it; expected a JSON array of "
         r"objects, or one JSON object per line$",
     ),
     (
@@ -542,7 +626,7 @@ DATASETS = [
         "word-list-not-json",
         "eval.word_lists",
         "positive: [good]\n",
-        r": not valid JSON \(.*\): fix it; expected \{\"name\": \[words\.\.\.\]\}$",
+        r": not valid JSON \(Expecting value: line 1 column 1\): fix it; expected \{\"name\": \[words\.\.\.\]\}$",
     ),
     (
         "word-list-wrong-shape",
@@ -606,8 +690,15 @@ def test_run_dir_under_a_regular_file(tmp_path, no_weights):
     (tmp_path / "file").write_text("not a folder")
     cfg = make(run_dir=str(tmp_path / "file" / "run"))
     refused(
-        cfg, r"^results folder .*/file/run is not writable \(Not a directory\): choose another run_dir or results_root"
+        cfg, r"^results folder .*/file/run cannot be made: .*/file is a file: choose another run_dir or results_root$"
     )
+
+
+def test_run_dir_that_is_a_regular_file(tmp_path, no_weights):
+    (tmp_path / "file").write_text("not a folder")
+    msg = refused(make(run_dir=str(tmp_path / "file")), r"^results folder .*/file is a file, not a folder: ")
+    assert msg.endswith(": choose another run_dir or results_root") and "Not a directory" not in msg
+    assert (tmp_path / "file").read_text() == "not a folder"
 
 
 def test_results_root_under_a_regular_file(tmp_path, no_weights):
@@ -617,7 +708,9 @@ def test_results_root_under_a_regular_file(tmp_path, no_weights):
         from steersweep.sweep import run_sweep
 
         run_sweep(cfg)
-    assert re.search(r"^results folder .* is not writable \(Not a directory\): choose another", one_line(ei.value))
+    assert re.search(
+        r"^results folder .*/file/results/\S+ cannot be made: .*/file is a file: choose another", one_line(ei.value)
+    )
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -700,7 +793,7 @@ def _cli_cases():
         ("pt-with-code", pt_code, r"with weights_only=True \(.*\); save plain tensors in a dict or use safetensors"),
         ("malformed-jsonl", malformed, r"p\.jsonl:2: not valid JSON .*: fix or remove that line"),
         ("model-path", lambda d: [f"model.path={d / 'no-model'}"], r"model path .*no-model.* is not a folder with a config\.json"),
-        ("unwritable-run-dir", under_file, r"is not writable \(Not a directory\): choose another run_dir"),
+        ("unwritable-run-dir", under_file, r"/file is a file: choose another run_dir"),
         ("resume-other-config", resume, r"holds the plan of another config \(differs in generation\.max_new_tokens\): drop run_dir"),
     ]  # fmt: skip
 

@@ -295,7 +295,7 @@ ERRORS = [
     ("jsonl-line-not-object", load_prompts, "p.jsonl", '{"prompt": "Hi."}\n["Bye."]\n', {},
      r"p\.jsonl:2: expected a JSON object, got list: write one \{\.\.\.\} object per line$"),
     ("json-broken", load_pairs, "pairs.json", '[\n  {"positive": "x", "negative": "y"},\n  {"positive": }\n]\n', {},
-     r"pairs\.json: not valid JSON \(Expecting value at line 3 column 16\): fix it; expected a JSON array"),
+     r"pairs\.json: not valid JSON \(Expecting value: line 3 column 16\): fix it; expected a JSON array"),
     ("jsonl-broken-line", load_prompts, "p.jsonl", '{"prompt": "a"}\n{"prompt": "b"\n{"prompt": "c"}\n', {},
      r"p\.jsonl:2: not valid JSON \(.*\): fix or remove that line$"),
     ("empty", load_prompts, "p.json", "[]", {}, r"p\.json has no rows: add at least one item"),

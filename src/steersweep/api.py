@@ -83,7 +83,7 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             return compose(config_name="config", overrides=[str(o) for o in overrides])
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(compose_error(e)) from None
+        raise ConfigError(compose_error(e, [str(o) for o in overrides], conf_dir())) from None
     finally:
         if outer is not None:
             GlobalHydra.instance().clear()

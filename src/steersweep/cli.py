@@ -9,6 +9,7 @@ jobs of one sweep aimed at one folder with different configs are refused too.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
@@ -39,16 +40,98 @@ def _list_hint(cause: Exception) -> str | None:
     return f"{key} takes {kind}, not {value!r}: write e.g. {key}=[{'12' if elem == (int,) else '0,2'}]"
 
 
-def compose_error(e: Exception) -> str:
+def _comma_list_hint(cause: Exception, overrides: list[str]) -> str | None:
+    """`-m steering.alphas=0,abc`: a sweep of scalars over a list key makes a job per value, each
+    refused; say so once, naming the values that are not numbers, instead of refusing job 0's `0`."""
+    import typing
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf.errors import ValidationError
+
+    owner = getattr(cause, "object_type", None)
+    if not isinstance(cause, ValidationError) or not is_dataclass(owner) or "is not a ListConfig" not in str(cause):
+        return None
+    key = str(cause.full_key)
+    swept = [o for o in OverridesParser.create().parse_overrides(overrides=overrides) if o.is_sweep_override()]
+    given = next((o for o in swept if o.get_key_element().lstrip("+~") == key), None)
+    values = list(given.sweep_string_iterator()) if given is not None else []
+    if not values or any(v.lstrip().startswith("[") for v in values):  # a sweep of lists is what it takes
+        return None
+    elem = typing.get_args(typing.get_type_hints(owner).get(cause.key))
+    number = {(int,): (int, "whole number", "whole numbers"), (float,): (float, "number", "numbers")}.get(elem)
+    bad = []
+    if number is not None:
+        for v in values:
+            try:
+                number[0](v)
+            except ValueError:
+                bad.append(v)
+    said = ""
+    if bad:
+        said = f"{', '.join(map(repr, bad))} {'is not a' if len(bad) == 1 else 'are not'} "
+        said += f"{number[1] if len(bad) == 1 else number[2]}, and "
+    shown = values if not bad and len(values) > 1 else ["0", "2"] if number else ["a", "b"]
+    eg = "e.g. " if shown is not values else ""
+    return (
+        f"-m {given.input_line}: {said}a comma list after -m makes one job per value while {key} takes a list: "
+        f"write {eg}{key}=[{','.join(shown)}] (one job, every value) or "
+        f"'{key}={','.join(f'[{v}]' for v in shown)}' (a job per value)"
+    )
+
+
+def _other_group(cause: Exception, overrides: list[str], conf_dir: Path | None) -> str | None:
+    """`model.offload_state_dict=true`: the key is another group's; name it, and what is said of the
+    value there (`memory.offload_state_dict=true is refused: ...`), rather than only this group's keys."""
+    import typing
+
+    from .config import Config
+
+    key, full = getattr(cause, "key", None), str(getattr(cause, "full_key", ""))
+    groups = {g: t for g, t in typing.get_type_hints(Config).items() if is_dataclass(t)}
+    places = [f"{g}.{key}" for g, t in groups.items() if key in {f.name for f in fields(t)}]
+    places += [key] if key in {f.name for f in fields(Config)} - set(groups) else []  # run_dir, task...
+    if len(places) != 1 or places[0] == full:
+        return None
+    moved = places[0]
+    kind = f"a {moved.split('.')[0]} key" if "." in moved else "a top-level key"
+    given = next((o for o in overrides if "=" in o and o.split("=", 1)[0].lstrip("+~") == full), None)
+    if given is None:
+        return f"it is {kind}: write {moved}=<value>"
+    fixed = f"{moved}={given.split('=', 1)[1]}"
+    if conf_dir is not None:  # what the right place says of this value
+        from hydra import compose, initialize_config_dir
+
+        from .validate import ConfigError, validate_static
+
+        try:
+            with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+                cfg = compose(config_name="config", overrides=[fixed if o is given else o for o in overrides])
+            validate_static(cfg)
+        except ConfigError as refusal:
+            if str(refusal).startswith(f"{moved}="):
+                return f"it is {kind}, and {refusal}"
+        except Exception:  # another override's own error: reported once this one is fixed
+            pass
+    return f"it is {kind}: write {fixed}"
+
+
+def compose_error(e: Exception, overrides: Sequence[str] = (), conf_dir: Path | None = None) -> str:
+    """One line for a failed composition; `overrides` and `conf_dir` let a misplaced key be found."""
     lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
     msg = lines[0] if lines else type(e).__name__
     if e.__cause__ is not None:
         hint = _list_hint(e.__cause__)
         if hint is not None:
             return f"{msg.removeprefix('Error merging override ')}: {hint}"
-        msg += " " + str(e.__cause__).strip().splitlines()[0]
+        why = str(e.__cause__).strip().splitlines()[0]
+        if msg.startswith("Error merging override "):  # a wrong value: `key=value: why`
+            return f"{msg.removeprefix('Error merging override ')}: {why}"
+        msg += " " + why
         typ = getattr(e.__cause__, "object_type", None)
         if is_dataclass(typ) and "not in" in str(e.__cause__):  # a misspelt key, not a wrong value
+            elsewhere = _other_group(e.__cause__, list(overrides), conf_dir)
+            if elsewhere is not None:
+                return f"{msg}: {elsewhere}"
             msg += f"; valid keys: {', '.join(f.name for f in fields(typ))}"
     elif any(x.startswith("Available options") for x in lines):  # a group option that does not exist
         i = next(i for i, x in enumerate(lines) if x.startswith("Available options"))
@@ -114,7 +197,11 @@ def precheck(argv: list[str], conf_dir: Path) -> None:
             with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
                 cfg = compose(config_name="config", overrides=own)
         except (HydraException, OmegaConfBaseException) as e:
-            _die(where + compose_error(e))
+            if multirun and e.__cause__ is not None:
+                hint = _comma_list_hint(e.__cause__, overrides)
+                if hint is not None:
+                    _die(hint)  # the sweep's, not one job's
+            _die(where + compose_error(e, own, conf_dir))
         if not multirun:
             return  # a single run validates itself before loading, with its own messages
         try:

@@ -145,7 +145,7 @@ def read_items(path: Path, fmt: str | None = None) -> tuple[list[Item], str | No
     except json.JSONDecodeError as e:
         if e.msg != "Extra data" and (path.suffix.lower() == ".json" or text.lstrip().startswith("[")):
             raise DatasetError(
-                f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}): fix it; "
+                f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno}): fix it; "
                 "expected a JSON array of objects, or one JSON object per line"
             ) from None
         return _jsonl(path, text), None  # several values (JSONL), or a broken line of one
@@ -160,7 +160,9 @@ def _jsonl(path: Path, text: str) -> list[Item]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DatasetError(f"{path}:{n}: not valid JSON ({e.msg}): fix or remove that line") from None
+            raise DatasetError(
+                f"{path}:{n}: not valid JSON ({e.msg}: column {e.colno}): fix or remove that line"
+            ) from None
         items.append(Item(f"{path}:{n}", f"line {n}", value, False))
     return items
 
@@ -454,7 +456,7 @@ def load_word_lists(name_or_path: str) -> dict[str, list[str]]:
         d = json.loads(_decode(path))
     except json.JSONDecodeError as e:
         raise DatasetError(
-            f'{path}: not valid JSON ({e.msg} at line {e.lineno}): fix it; expected {{"name": [words...]}}'
+            f'{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno}): fix it; expected {{"name": [words...]}}'
         ) from None
     if not isinstance(d, dict) or not all(isinstance(v, list) for v in d.values()):
         raise DatasetError(f'{path}: expected {{"name": [words...]}}: make it one object of word lists')

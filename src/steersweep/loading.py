@@ -1,8 +1,9 @@
 """Memory budget, device-map planning on the meta device, and loading the checkpoint once.
 
-`offload_state_dict` is never passed (field report 03: it hangs 70B loads, and transformers 5
-ignores it anyway). Loading runs under a watchdog that dumps every thread's stack and exits when it
-stalls, so a hang is diagnosed from the log instead of waited on.
+`offload_state_dict` is never passed (it makes transformers stage the whole state dict through CPU
+and disk while loading, which stalls or hangs 70B loads; transformers 5 ignores it anyway). Loading
+runs under a watchdog that dumps every thread's stack and exits when it stalls, so a hang is
+diagnosed from the log instead of waited on.
 """
 
 from __future__ import annotations

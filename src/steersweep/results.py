@@ -85,6 +85,15 @@ class RunFolder:
         self.parts = self.path / "parts"
 
     def create(self) -> None:
+        blocker = next((p for p in (self.path, *self.path.parents) if p.exists() and not p.is_dir()), None)
+        if blocker == self.path:  # mkdir would say "Not a directory", which reads as a permission problem
+            raise ResultsError(
+                f"results folder {self.path} is a file, not a folder: choose another run_dir or results_root"
+            )
+        if blocker is not None:
+            raise ResultsError(
+                f"results folder {self.path} cannot be made: {blocker} is a file: choose another run_dir or results_root"
+            )
         try:
             self.parts.mkdir(parents=True, exist_ok=True)
             probe = self.parts / f".probe-{uuid.uuid4().hex[:8]}"

@@ -33,8 +33,9 @@ def validate_static(cfg: DictConfig) -> None:
     m, mem, st, gen, vec = cfg.model, cfg.memory, cfg.steering, cfg.generation, cfg.vectors
     check(
         not mem.offload_state_dict,
-        "memory.offload_state_dict=true is refused: it makes large loads hang (field report 03) and "
-        "transformers 5 ignores it; remove it, device_map=auto with max_memory already spills to CPU",
+        "memory.offload_state_dict=true is refused: it makes transformers stage the whole state dict through CPU "
+        "and disk while loading, which stalls or hangs 70B loads; remove it: device_map=auto with max_memory "
+        "already places the weights",
     )
     check(0 < mem.gpu_fraction <= 1, f"memory.gpu_fraction={mem.gpu_fraction} must be in (0, 1], e.g. 0.9")
     check(
