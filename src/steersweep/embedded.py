@@ -13,9 +13,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import stat
 import sys
 import time
 from pathlib import Path
+
+from .fileio import follow_umask
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DIR = Path(os.environ.get("STEERSWEEP_CACHE", Path(__file__).resolve().parents[2] / ".cache"))
@@ -48,6 +51,7 @@ def prepare(out_dir: Path = DEFAULT_MODEL_DIR, max_shard_size: str = "100MB") ->
 
     out_dir = Path(out_dir)
     if (out_dir / STAMP).exists():
+        _readable(out_dir)  # a conversion by an older version left its shards 0600
         return out_dir
     src = gguf_path()
     t0 = time.perf_counter()
@@ -65,12 +69,22 @@ def prepare(out_dir: Path = DEFAULT_MODEL_DIR, max_shard_size: str = "100MB") ->
     model.save_pretrained(tmp, max_shard_size=max_shard_size)
     tok.save_pretrained(tmp)
     (tmp / STAMP).write_text(json.dumps({"source": str(src), "seconds": time.perf_counter() - t0}))
+    _readable(tmp)
     if out_dir.exists():
         import shutil
 
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)  # atomic: a half-converted folder never looks finished
     return out_dir
+
+
+def _readable(folder: Path) -> None:
+    """Shards as open() would make them: safetensors writes 0600, so the other users of a shared
+    checkout could not load the model. Only our own 0600 files: a mode chosen on purpose stays."""
+    for f in folder.iterdir():
+        st = f.stat()
+        if f.is_file() and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.getuid():
+            follow_umask(f)
 
 
 if __name__ == "__main__":

@@ -49,12 +49,17 @@ def _umask() -> int:
     return old
 
 
+def follow_umask(path: Path) -> None:
+    """Give `path` the mode open() gives a new file (0o666 less the umask): some writers
+    (safetensors, tempfile.mkstemp) make 0600 files that the other users of a shared folder cannot read."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def _write_tmp(path: Path, write: Callable[[Path], object]) -> Path:
     tmp = _tmp_name(path)
     try:
         write(tmp)
-        # every file follows the umask, as open() would make it: some writers (safetensors) make 0600
-        os.chmod(tmp, 0o666 & ~_umask())
+        follow_umask(tmp)  # every file written here, whatever made it
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
     except BaseException:
