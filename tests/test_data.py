@@ -362,13 +362,83 @@ def test_validate_inputs_reads_caa_files(caa_ab, tmp_path):
     out = validate_inputs(cfg, None)
     assert set(out) == {"prompts", "pairs", "word_lists", "behavior_items"}
     assert out["prompts"] == [{"id": content_id(q["question"]), "prompt": q["question"]} for q in OPEN_ENDED]
-    assert [(p["format"], p["question"], p["positive"]) for p in out["pairs"]["sentiment"]] == [
+    (concept,) = out["pairs"]  # named after the CAA file's folder (see test_concept_of_dataset)
+    assert concept == tmp_path.name
+    assert [(p["format"], p["question"], p["positive"]) for p in out["pairs"][concept]] == [
         ("ab", c["question"], f"({m}") for c, m in zip(CAA_AB, MATCHING, strict=True)
     ]
-    assert [(i["question"], i["A"], i["B"], i["positive"]) for i in out["behavior_items"]["sentiment"]] == [
+    assert [(i["question"], i["A"], i["B"], i["positive"]) for i in out["behavior_items"][concept]] == [
         (s, *o, m) for s, o, m in zip(STEMS, OPTIONS, MATCHING, strict=True)
     ][:3]
 
     cfg.eval.behavior_format = "continuation"
     with pytest.raises(ConfigError, match=r"set eval\.behavior_format=ab$"):
         validate_inputs(cfg, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The concept a dataset is about: named from the dataset unless vectors.concept is set
+
+
+@pytest.mark.parametrize(
+    "source, name",
+    [
+        ("sentiment_pairs", "sentiment"),  # the shipped default
+        ("datasets/generate/refusal/generate_dataset.json", "refusal"),  # the CAA repository's layout
+        ("datasets/test/sycophancy/test_dataset_ab.json", "sycophancy"),
+        ("caa/corrigible-neutral-HHH/generate_dataset.json", "corrigible-neutral-HHH"),
+        ("my/formal.jsonl", "formal"),
+        ("formal_pairs.jsonl", "formal"),
+        ("my data/pairs.jsonl", "my_data"),  # a generic file name: its folder's, made a plain name
+        ("pairs.jsonl", "pairs"),
+    ],
+)
+def test_concept_of_dataset(source, name):
+    assert data.concept_of(source) == name
+
+
+def test_concept_follows_the_dataset_unless_set(tmp_path):
+    from steersweep.plan import concepts, folder_for, identity, identity_hash
+    from steersweep.validate import validate_inputs, validate_static
+
+    caa = tmp_path / "refusal" / "generate_dataset.json"
+    caa.parent.mkdir()
+    write(caa, CAA_AB)
+    cfg = make("eval.metrics=[distinct]", vectors__dataset=str(caa))
+    validate_static(cfg)
+    assert concepts(cfg) == [("refusal", str(caa))]
+    assert folder_for(cfg, "h").name == "smollm2_135m-refusal-h"
+    assert list(validate_inputs(cfg, None)["pairs"]) == ["refusal"]
+    assert concepts(make(f"vectors.dataset=[sentiment_pairs,{caa}]")) == [
+        ("sentiment", "sentiment_pairs"), ("refusal", str(caa))
+    ]  # fmt: skip
+    assert concepts(make("vectors.concept=no_refusal", f"vectors.dataset={caa}")) == [("no_refusal", str(caa))]
+    # the default dataset keeps its name, and default runs keep their identity (their folders resume)
+    default = make()
+    assert concepts(default) == [("sentiment", "sentiment_pairs")]
+    assert identity_hash(identity(default)) == identity_hash(identity(make("vectors.concept=sentiment")))
+
+
+def test_sweep_on_a_caa_file_names_what_it_steers(tiny, embedded_dir, tmp_path):
+    """The CAA command of the README without vectors.concept: folder, rows, vector ids and the saved
+    vectors say `refusal`, not the default dataset's `sentiment`."""
+    import pandas as pd
+    from conftest import tiny_checkpoint
+
+    import steersweep as ss
+    from steersweep.vectors import load
+
+    caa = tmp_path / "refusal" / "generate_dataset.json"
+    caa.parent.mkdir()
+    write(caa, CAA_AB)
+    model_dir = tiny_checkpoint(tmp_path / "tiny", embedded_dir, tiny)
+    run = ss.Sweep.from_config(
+        overrides=[f"model.path={model_dir}", "model.num_hidden_layers=4", "model.dtype=float32", "prompts.limit=1",
+                   "generation.max_new_tokens=2", "eval.metrics=[distinct]", "steering.layers=[2]",
+                   "steering.alphas=[0,1]", f"vectors.dataset={caa}", "vectors.read_at=answer", "progress=false",
+                   "report.enabled=false", f"results_root={tmp_path / 'res'}"],
+    )  # fmt: skip
+    df = pd.DataFrame(run.run())
+    assert "-refusal-" in run.run_dir.name, run.run_dir.name
+    assert set(df.concept) == {"refusal"} and all(v.startswith("refusal-L2-") for v in df.vector_id)
+    assert load(run.run_dir / "vectors.safetensors").concept == "refusal"

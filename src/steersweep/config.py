@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, ListConfig, OmegaConf
+
+from .data import concept_of
 
 
 @dataclass
@@ -63,9 +65,9 @@ class VectorsConfig:
     source: str = "compute"  # compute = mean difference from `dataset`; file = load `path`
     path: Any = None  # vector file: .safetensors, .pt (TransformerLens keys) or .gguf; a list with concept lists
     dataset: Any = "sentiment_pairs"  # shipped dataset name or a JSONL path with positive/negative; or a list
-    # name recorded in vector ids and results; a list of concepts is a grid axis, each concept taking the
-    # dataset (or path) at the same place in those lists
-    concept: Any = "sentiment"
+    # name recorded in vector ids and results, by default the dataset's (data.concept_of); a list of
+    # concepts is a grid axis, each concept taking the dataset (or path) at the same place in those lists
+    concept: Any = "${steersweep_concept:${vectors.dataset}}"
     position: int = -1  # token index whose residual is averaged (-1 = last token)
     read_at: str = "last"  # last (token `position`) | answer (the A/B answer letter; a text's last token) | answer_mean
     # mean_diff (CAA) | pca_diff (1st PC of pair differences) | pca_center (1st PC around each pair's centre,
@@ -165,4 +167,10 @@ def register_configs() -> None:
     # uses every core), all for Slurm (one array)
     OmegaConf.register_new_resolver(
         "steersweep_jobs_at_once", lambda target: 1 if str(target).endswith("LocalLauncher") else None, replace=True
+    )
+    # conf/vectors/sentiment.yaml: vectors.concept named after vectors.dataset, one name per dataset
+    OmegaConf.register_new_resolver(
+        "steersweep_concept",
+        lambda ds: [concept_of(d) for d in ds] if isinstance(ds, (ListConfig, list)) else concept_of(ds),
+        replace=True,
     )

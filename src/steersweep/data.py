@@ -117,6 +117,26 @@ def resolve(name_or_path: str, suffix: str = ".jsonl") -> Path:
     raise DatasetError(f"dataset {name_or_path!r} not found: give a file path or one of {', '.join(names)}")
 
 
+# Words that name a file's role, not its concept: the CAA repository keeps each behaviour's files in a
+# folder named after it (refusal/generate_dataset.json, refusal/test_dataset_ab.json)
+ROLE_SUFFIXES = ("_pairs", "_dataset", "_ab", "_open_ended")
+ROLE_NAMES = {"", "generate", "test", "train", "dataset", "data", "pairs"}
+
+
+def concept_of(source: str) -> str:
+    """The concept a pairs dataset is about, from its name (`vectors.concept`'s default, so the run
+    folder, vector ids and rows name what was steered): `sentiment_pairs` -> sentiment,
+    `.../refusal/generate_dataset.json` -> refusal (a role-only file name gives its folder's name),
+    `my/formal.jsonl` -> formal. Characters a folder name should not hold become `_`."""
+    p = Path(str(source))
+    name = p.stem
+    while any(name.endswith(s) for s in ROLE_SUFFIXES):
+        name = name.removesuffix(next(s for s in ROLE_SUFFIXES if name.endswith(s)))
+    if name in ROLE_NAMES:
+        name = p.parent.name or p.stem
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name).lstrip(".+-") or "concept"
+
+
 def _decode(path: Path) -> str:
     raw = path.read_bytes()
     utf16 = raw.startswith((b"\xff\xfe", b"\xfe\xff"))  # "Unicode text" from Windows tools
