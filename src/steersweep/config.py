@@ -39,7 +39,7 @@ class MemoryConfig:
     cpu: str = "auto"  # CPU spill budget: "auto" (90% of available RAM), "0", or a size like "150GiB"
     disk_offload: bool = False  # allow spilling weights to disk (slow; last resort)
     offload_folder: str | None = None  # where disk-offloaded weights go (required with disk_offload)
-    offload_state_dict: bool = False  # refused: it hangs 70B loads (field report 03); here to explain
+    offload_state_dict: bool = False  # refused: staging weights through CPU/disk stalls 70B loads
     load_timeout_s: float = 3600.0  # watchdog: dump all thread stacks and exit if loading runs longer
     batch_timeout_s: float = 0.0  # watchdog per generate batch; 0 = off
     plan_hardware: list[str] = field(  # hardware shapes `task=plan` prints device maps for
