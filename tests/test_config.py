@@ -90,3 +90,34 @@ def test_bad_values_one_line_errors(override, message):
     with pytest.raises(ConfigError, match=message) as e:
         validate_static(cfg)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("model", [f.stem for f in sorted((CONF / "model").glob("*.yaml"))])
+def test_the_default_grid_is_the_models_own(model):
+    """`model=llama70b` sweeps its own recommended layers (20-48 of 80) and alphas, not the embedded
+    model's 10, 14, 18; a grid given on the command line still wins."""
+    cfg = make(f"model={model}")
+    assert list(cfg.steering.layers) == list(cfg.model.recommended_layers)
+    assert list(cfg.steering.alphas) == list(cfg.model.recommended_alphas) and 0.0 in cfg.steering.alphas
+    assert all(0 <= layer < cfg.model.num_hidden_layers for layer in cfg.steering.layers)
+    validate_static(cfg)
+    mine = make(f"model={model}", "steering.layers=[3]", "steering.alphas=[0,1]")
+    assert list(mine.steering.layers) == [3] and list(mine.steering.alphas) == [0, 1]
+
+
+def test_task_plan_says_which_grid_it_took_and_why():
+    import subprocess
+    import sys
+
+    def plan(*args):
+        r = subprocess.run([sys.executable, "run_experiment.py", "task=plan", *args], cwd=CONF.parent,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    out = plan("model=llama70b")
+    assert "16 prompts x 5 layers x 7 alphas = 560 cells" in out
+    assert "layers [20, 26, 32, 40, 48] (model llama70b's recommended_layers; set steering.layers to choose)" in out
+    assert "alphas [-4, -2, -1, 0, 1, 2, 4] (model llama70b's recommended_alphas" in out
+    out = plan("model=llama70b", "steering.layers=[30]")
+    assert "layers [30] (steering.layers)" in out and "1 layers x 7 alphas" in out

@@ -18,7 +18,7 @@ def test_llama70b_plan_on_stated_hardware(capsys):
     plans = plan(cfg)
     out = capsys.readouterr().out
     assert "80 layers" in out
-    assert "grid: 16 prompts x 3 layers x 5 alphas = 240 cells" in out
+    assert "grid: 16 prompts x 5 layers x 7 alphas = 560 cells" in out  # its own grid: layers 20-48 of 80
     p8, p4, p2, p2small = plans
     # 70.6B bf16 params = 131.4 GiB: fits 2 x 72 GiB (90% of 80), not 2 x 43.2 GiB
     assert p8.fits_on_gpus and p4.fits_on_gpus and p2.fits_on_gpus and not p2small.fits_on_gpus

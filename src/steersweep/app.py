@@ -12,7 +12,7 @@ from .data import DatasetError
 from .generation import PromptError
 from .hooks import LayerLookupError
 from .loading import LoadError, max_memory, parse_hardware, plan_device_map, torch_dtype
-from .plan import PlanError
+from .plan import PlanError, grid_origin
 from .results import ResultsError
 from .validate import ConfigError, validate_model, validate_static
 from .vectors import VectorError
@@ -60,6 +60,7 @@ def plan(cfg: DictConfig) -> list:
 
     prompts = data.load_prompts(cfg.prompts.dataset, cfg.prompts.limit)  # read once: the grid and the lengths
     print(grid_line(cfg, hf.num_hidden_layers, prompts))
+    print(f"  {grid_origin(cfg)}")
     from .loading import fmt_bytes
     from .runtime import cpu_budget
 
