@@ -30,7 +30,7 @@ class ModelConfig:
     attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2; null = default
     layers_path: str | None = None  # dotted path to the decoder layer list if auto-detection fails
     num_hidden_layers: int | None = None  # noted for humans; checked against config.json
-    recommended_layers: list[int] = field(default_factory=list)  # layers where steering tends to work: the default grid's
+    recommended_layers: list[int] = field(default_factory=list)  # the default grid's layers (steering.layers overrides)
     recommended_alphas: list[float] = field(  # the default grid's alphas for this model (steering.alphas overrides)
         default_factory=lambda: [-1.0, -0.5, 0.0, 0.5, 1.0]
     )
