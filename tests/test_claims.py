@@ -98,23 +98,25 @@ def test_status_of_a_half_done_sharded_folder(tmp_path, capsys):
     r = _run("task=status", f'run_dir="{run}"')  # Hydra's quoting: the path has a quote
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout
-    assert "cells present: 8/16; batches complete: 2/4" in out
-    assert "shard 0 of 2: 8/8 cells, 2/2 batches" in out and "shard 1 of 2: 0/8 cells, 0/2 batches" in out
-    assert "missing: 8 cells in batches b00001, b00003" in out
+    # 4 prompts x (one baseline decode for both layers' alpha 0 + 2 steered) = 12 decodes: 3 batches of 4
+    # decodes holding 6, 5 and 5 cells; shard 0 has b00000 and b00002
+    assert "cells present: 11/16; batches complete: 2/3" in out
+    assert "shard 0 of 2: 11/11 cells, 2/2 batches" in out and "shard 1 of 2: 0/5 cells, 0/1 batches" in out
+    assert "missing: 5 cells in batches b00001 " in out
     cmd = out.split("finish with: ")[1].splitlines()[0].strip()
     assert cmd.startswith("python run_experiment.py experiment=quick generation.batch_size=4") or "run_dir" in cmd
     # the printed command works as printed: run through a shell, it reaches the same folder
     r2 = subprocess.run(cmd.replace("python", f"{sys.executable}", 1).replace("run_experiment.py", "run_experiment.py task=status", 1),
                         shell=True, cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert r2.returncode == 0 and "cells present: 8/16" in r2.stdout, r2.stderr[-2000:]
+    assert r2.returncode == 0 and "cells present: 11/16" in r2.stdout, r2.stderr[-2000:]
     # a worker that ends before the others prints a status command that works as printed too
     from steersweep.sweep import finish
 
-    finish(cfg, folder, plan, 8)
+    finish(cfg, folder, plan, 11)
     see = capsys.readouterr().out.split("see: ")[1].splitlines()[0].strip()
     r3 = subprocess.run(see.replace("python", f"{sys.executable}", 1), shell=True, cwd=ROOT, capture_output=True,
                         text=True, timeout=300)  # fmt: skip
-    assert r3.returncode == 0 and "cells present: 8/16" in r3.stdout, (see, r3.stderr[-2000:])
+    assert r3.returncode == 0 and "cells present: 11/16" in r3.stdout, (see, r3.stderr[-2000:])
 
 
 def test_multirun_bad_value_is_one_line_before_anything_is_submitted(tmp_path):

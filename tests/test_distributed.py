@@ -49,7 +49,9 @@ def test_out_of_memory_on_one_rank_backs_off_without_a_hang(direct, tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     assert (r.stdout + r.stderr).count("out of memory with") == 2, r.stdout[-4000:]  # the back-off, on one rank
     df = same_rows(run_dir, direct)
-    planned = df.groupby("batch_id").cell_id.transform("size")
+    # a batch's decodes: its cells, a prompt's alpha-0 cells counting once (one baseline decode)
+    decode = df.cell_id.where(df.alpha != 0, "baseline|" + df.prompt_id + "|" + df["sample"].astype(str))
+    planned = decode.groupby(df.batch_id).transform("nunique")
     cut = df[df.decode_rows < planned]  # the back-off is recorded on the rows it changed, and only there
     assert len(cut) and set(cut.worker) == {"s0of1r1"}, df[["batch_id", "decode_rows", "worker"]]
 

@@ -45,13 +45,34 @@ def test_default_run_writes_every_row(default_run):
     assert (df.n_new_tokens > 0).all()
     for col in ("behavior_prob", "perplexity", "word_rate_positive", "distinct_2", "alpha_rel"):
         assert df[col].notna().all(), col
-    zero = df[df.alpha == 0]
-    # alpha 0 rows are unsteered: identical completions whatever the layer, within a planned batch
-    # (across batches only in float32: in bf16 the batch's shape changes the numbers)
-    assert (zero.groupby(["batch_id", "prompt_id"]).completion.nunique() == 1).all()
-    if json.loads((run_dir / "manifest.json").read_text())["dtype"]["used"] == "float32":
-        assert (zero.groupby("prompt_id").completion.nunique() == 1).all()
+    assert_one_baseline(df)
     assert (run_dir / "manifest.json").is_file() and (run_dir / "vectors.safetensors").is_file()
+
+
+def assert_one_baseline(df: pd.DataFrame) -> None:
+    """Alpha 0 is the unsteered model: one decode per prompt shared by every layer, in every dtype
+    (the same completion and the same scores, not merely close ones)."""
+    zero = df[df.alpha == 0]
+    assert zero.layer.nunique() > 1
+    cols = ["completion", "n_new_tokens", "perplexity", "behavior_prob", "next_token_kl", "batch_id"]
+    per_prompt = zero.groupby("prompt_id")[[c for c in cols if c in zero]].nunique(dropna=False)
+    assert (per_prompt == 1).all().all(), per_prompt[(per_prompt != 1).any(axis=1)]
+
+
+def test_the_unsteered_baseline_is_one_baseline_in_bf16(tmp_path):
+    """The grid that showed it (bf16, batches of 6 cutting through a prompt's layers): 8 of 16
+    prompts had another "unsteered" completion at another layer before the baseline was one decode."""
+    run_dir = tmp_path / "run"
+    r = run_cli(f"run_dir={run_dir}", "steering.layers=[10,14,18]", "steering.alphas=[-1,0,1]", "prompts.limit=16",
+                "generation.max_new_tokens=32", "generation.batch_size=6", "model.dtype=bfloat16",
+                "report.enabled=false")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    df = pd.read_parquet(run_dir / "results.parquet")
+    assert len(df) == 3 * 3 * 16
+    assert_one_baseline(df)
+    # a batch holds 6 decodes: a prompt's 3 alpha-0 cells count as one
+    for _, b in df.groupby("batch_id"):
+        assert len(b) - (b.alpha == 0).sum() + b[b.alpha == 0].prompt_id.nunique() <= 6
 
 
 def test_token_never_written(default_run):
@@ -111,8 +132,6 @@ def test_caa_paper_files_for_vectors_scoring_and_prompts(tmp_path):
     """The CAA paper's released layouts, as given: an A/B JSON array computes the vector (at the
     answer letter, chat template once) and is scored (behavior_prob, ab); an open-ended JSON array
     gives the prompts."""
-    import json
-
     from test_vectors import CAA_ITEMS
 
     ab = tmp_path / "generate_dataset.json"

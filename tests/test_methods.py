@@ -585,10 +585,16 @@ def test_the_grid_has_every_method_mode_and_layer_set_once():
     for c in cells:
         seeds.setdefault((c.label, c.alpha, c.prompt_id), set()).add(c.seed)
     assert all(len(s) == 1 for s in seeds.values())
+    # the baseline: a prompt's alpha-0 cells (every layer set, method, mode) come first, side by side,
+    # and share one seed, whatever the layer
+    for p in prompts:
+        mine = [c for c in cells if c.prompt_id == p["id"]]
+        assert [c.alpha for c in mine[:12]] == [0.0] * 12 and 0.0 not in [c.alpha for c in mine[12:]]
+        assert len({c.seed for c in mine[:12]}) == 1 and len({c.decode_key for c in mine[:12]}) == 1
     # a plain grid (single layers, one method, one mode) keeps the ids it had before these axes
     plain = expand(grid(layers=[1, 2]), prompts, "h")
     assert [c.cell_id for c in plain] == [
-        cell_key("h", layer, alpha, p["id"], 0) for p in prompts for layer in (1, 2) for alpha in (0.0, 2.0)
+        cell_key("h", layer, alpha, p["id"], 0) for p in prompts for alpha in (0.0, 2.0) for layer in (1, 2)
     ]
     assert layer_sets([[3, 1]]) == [("1+3", (1, 3))]
     with pytest.raises(ValueError, match="needs the model's number of layers"):

@@ -112,8 +112,14 @@ def test_any_schedule_ends_with_every_cell_exactly_once(grid, data):
         assert df.cell_id.is_unique and set(df.cell_id) == cells
         assert (df.completion == df.cell_id).all()  # every row is its own cell's
         # every start, whatever its own batch_size, used the batches of the first claim
+        # (batch_size counts decodes: a prompt's alpha-0 cells are one baseline decode, never split)
         claimed = json.loads((folder.path / "plan.json").read_text())["batch_size"]
-        assert all(len(b.cells) == claimed for b in inc.plan.batches[:-1]), "a later start re-cut the plan"
+        decodes = [len({c.decode_key for c in b.cells}) for b in inc.plan.batches]
+        assert all(n == claimed for n in decodes[:-1]), "a later start re-cut the plan"
+        baselines = [(c.prompt_id, c.sample) for b in inc.plan.batches for c in b.cells if c.alpha == 0]
+        assert len(set(baselines)) == sum(
+            len({c.decode_key for c in b.cells if c.alpha == 0}) for b in inc.plan.batches
+        )
 
 
 @pytest.mark.parametrize("n", [2, 3])

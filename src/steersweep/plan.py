@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -30,12 +31,12 @@ from .fileio import claim
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PLAN_FILE = "plan.json"
-PLAN_FORMAT = "steersweep.plan.v1"
+PLAN_FORMAT = "steersweep.plan.v2"  # v2: batches listed (a baseline is one decode)
 DEFAULT_BATCH = 64  # rows per planned batch when generation.batch_size=0
 
 # Keys under each identity group that never change a row (batching, placement, notes for humans).
 NOT_IDENTITY = {
-    "model": ("config_json", "device_map", "num_hidden_layers", "recommended_layers"),
+    "model": ("config_json", "device_map", "num_hidden_layers", "recommended_layers", "recommended_alphas"),
     "vectors": ("batch_size", "save"),
     "generation": ("batch_size", "max_batch_size"),
 }
@@ -68,6 +69,13 @@ class Cell:
     @property
     def label(self) -> str:
         return self.layer_set or str(self.layer)
+
+    @property
+    def decode_key(self) -> tuple:
+        """Cells with one key are one decode. Alpha 0 is the unsteered model whatever the concept,
+        layer set, method or mode: every alpha-0 cell of a prompt and sample shares one baseline
+        decode (and one seed), so the baseline is the same row for every layer, in every dtype."""
+        return ("baseline", self.prompt_id, self.sample) if self.alpha == 0 else (self.cell_id,)
 
     @property
     def setting(self) -> tuple[str, str, float, str, str]:
@@ -206,6 +214,19 @@ def layer_sets(spec, num_layers: int | None = None) -> list[tuple[str, tuple[int
     return out
 
 
+def grid_origin(cfg: DictConfig) -> str:
+    """Where the grid's layers and alphas come from, in words: the model preset's defaults
+    (`model.recommended_layers` / `recommended_alphas`, what `steering.*` interpolates unless set) or
+    the command. `task=plan` and the run log print it, so a sweep never runs on a grid nobody chose."""
+    said = []
+    for key, preset in (("layers", "recommended_layers"), ("alphas", "recommended_alphas")):
+        values = ", ".join(set_label(x) if key == "layers" else f"{float(x):g}" for x in cfg.steering[key])
+        default = OmegaConf.is_interpolation(cfg.steering, key)
+        why = f"model {cfg.model.name}'s {preset}; set steering.{key} to choose" if default else f"steering.{key}"
+        said.append(f"{key} [{values}] ({why})")
+    return "; ".join(said)
+
+
 def all_layers(cfg: DictConfig, num_layers: int | None = None) -> list[int]:
     """Every layer some cell steers: the layers vectors are needed for."""
     return sorted({layer for _, ls in layer_sets(cfg.steering.layers, num_layers) for layer in ls})
@@ -214,11 +235,12 @@ def all_layers(cfg: DictConfig, num_layers: int | None = None) -> list[int]:
 def expand(cfg: DictConfig, prompts: list[dict], ident_hash: str, num_layers: int | None = None) -> list[Cell]:
     """prompts x concepts x methods x modes x layer sets x alphas x samples, in the canonical order.
 
-    Prompt-major: a batch then holds few distinct prompts (little padding; shared prefills and
-    the alpha-0 baseline, identical across layers, are computed once per prompt). A grid of single
-    layers, one method and one mode keeps the cell ids it had before those axes existed.
+    Prompt-major: a batch then holds few distinct prompts (little padding; shared prefills are
+    computed once per prompt). Each prompt starts with its baseline: the alpha-0 cells of every
+    concept, method, mode and layer set, side by side (one decode, see `Cell.decode_key`, kept in one
+    batch by `cut`), then its steered cells. A grid of single layers, one method and one mode keeps
+    the cell ids it had before those axes existed.
     """
-    cells = []
     sets = layer_sets(cfg.steering.layers, num_layers)
     alphas = [float(x) for x in cfg.steering.alphas]
     methods = [str(m) for m in as_list(cfg.vectors.get("method", "mean_diff"))]  # schema defaults: partial
@@ -226,18 +248,20 @@ def expand(cfg: DictConfig, prompts: list[dict], ident_hash: str, num_layers: in
     names = [c for c, _ in concepts(cfg)]
     plain = len(methods) == 1 and len(modes) == 1 and all(len(ls) == 1 and lb != "all" for lb, ls in sets)
     many = len(names) > 1
+
+    def cell(p: dict, concept: str, method: str, mode: str, label: str, layers: tuple, alpha: float, s: int) -> Cell:
+        extra = ("" if plain else f"|{label}|{method}|{mode}") + (f"|{concept}" if many else "")
+        cid = cell_key(ident_hash, layers[0], alpha, p["id"], s, extra)
+        # the baseline's seed is the prompt's and sample's alone: one unsteered decode for all
+        seed = cell_seed(cfg.generation.seed, *((concept, label) if alpha else ("", "baseline")), alpha, p["id"], s)
+        return Cell(cid, layers[0], alpha, p["id"], p["prompt"], s, seed, layers, label, concept, method, mode)
+
+    variants = [(c, m, mode, lb, ls) for c in names for m in methods for mode in modes for lb, ls in sets]
+    cells = []
     for p in prompts:
-        for concept in names:
-            for method in methods:
-                for mode in modes:
-                    for label, layers in sets:
-                        for alpha in alphas:
-                            for s in range(cfg.steering.samples):
-                                extra = ("" if plain else f"|{label}|{method}|{mode}") + (f"|{concept}" if many else "")
-                                cid = cell_key(ident_hash, layers[0], alpha, p["id"], s, extra)
-                                seed = cell_seed(cfg.generation.seed, concept, label, alpha, p["id"], s)
-                                cells.append(Cell(cid, layers[0], alpha, p["id"], p["prompt"], s, seed, layers,
-                                                  label, concept, method, mode))  # fmt: skip
+        if 0.0 in alphas:
+            cells += [cell(p, *v, 0.0, s) for s in range(cfg.steering.samples) for v in variants]
+        cells += [cell(p, *v, a, s) for v in variants for a in alphas if a != 0 for s in range(cfg.steering.samples)]
     return cells
 
 
@@ -246,7 +270,22 @@ def planned_batch_size(cfg: DictConfig) -> int:
 
 
 def cut(cells: list[Cell], size: int) -> list[Batch]:
-    return [Batch(i, tuple(cells[s : s + size])) for i, s in enumerate(range(0, len(cells), size))]
+    """Batches of `size` decodes each, in order: cells sharing a decode (`Cell.decode_key`: a
+    prompt's baseline) count once and are never split between batches."""
+    groups: dict[tuple, list[Cell]] = {}
+    for c in cells:
+        groups.setdefault(c.decode_key, []).append(c)
+    units = list(groups.values())
+    return [
+        Batch(i, tuple(c for u in units[s : s + size] for c in u)) for i, s in enumerate(range(0, len(units), size))
+    ]
+
+
+def batch_cells(doc: dict) -> list[list[str]]:
+    """The cell ids of each planned batch, as a claimed plan.json fixes them."""
+    order = [row[0] for row in doc["cells"]]
+    bounds = [0, *itertools.accumulate(doc["batch_cells"])]
+    return [order[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def deal(batches: list[Batch], worker: int, n_workers: int) -> list[Batch]:
@@ -366,16 +405,19 @@ class RunPlan:
 
 
 def _plan_doc(ident: dict, ident_hash: str, size: int, cells: list[Cell], command: list[str]) -> dict:
+    batches = cut(cells, size)
     return {
         "format": PLAN_FORMAT,
         "identity_hash": ident_hash,
         "identity": ident,
-        "batch_size": size,
+        "batch_size": size,  # decodes per batch: a prompt's alpha-0 cells are one decode
         "n_cells": len(cells),
-        "n_batches": -(-len(cells) // size) if cells else 0,
-        # canonical order; batch b = cells[b * batch_size : (b + 1) * batch_size]
-        "cells": [
-            [c.cell_id, c.layer, c.alpha, c.prompt_id, c.sample, c.label, c.method, c.mode, c.concept] for c in cells
+        "n_batches": len(batches),
+        "batch_cells": [len(b.cells) for b in batches],  # batch b = the next batch_cells[b] cells in order
+        "cells": [  # in batch order (the canonical order, a baseline's cells side by side)
+            [c.cell_id, c.layer, c.alpha, c.prompt_id, c.sample, c.label, c.method, c.mode, c.concept]
+            for b in batches
+            for c in b.cells
         ],
         "command": command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -390,6 +432,11 @@ def read_plan_doc(folder: Path) -> dict | None:
         doc = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise PlanError(f"{p} is unreadable ({e}): move the folder aside or choose another run_dir") from None
+    if doc.get("format") == "steersweep.plan.v1":
+        raise PlanError(
+            f"{p} is an older plan (each layer decoded its own alpha-0 baseline; sampled baselines were "
+            "seeded per layer): its rows would not match this version's, so choose another run_dir"
+        )
     if doc.get("format") != PLAN_FORMAT:
         raise PlanError(f"{p} was written by another steersweep version: choose another run_dir")
     return doc
@@ -441,5 +488,5 @@ def claim_plan(cfg: DictConfig, folder: Path, cells: list[Cell], ident: dict, id
             "using the folder's planned batch size %d (this command asked for %d): work is never re-dealt",
             size, cfg.generation.batch_size,
         )  # fmt: skip
-    batches = cut([by_id[i] for i in order], size)
+    batches = [Batch(b, tuple(by_id[i] for i in ids)) for b, ids in enumerate(batch_cells(doc))]
     return RunPlan(folder, ident, ident_hash, size, batches, list(doc.get("command") or []))

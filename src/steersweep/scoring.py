@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
 from omegaconf import DictConfig
 
 from . import generation as G
@@ -46,12 +47,14 @@ class Scorer:
         self.cfg, self.model, self.tokenizer, self.vsets, self.inputs = cfg, model, tokenizer, vsets, inputs
         self.prompt_ids = prompt_ids
         self.run_id = folder.path.name
+        self.threads = torch.get_num_threads()  # recorded per row: float reductions may depend on it
         self.names = list(cfg.eval.metrics)
         self.patterns = dict(cfg.eval.regex)
         self.lists = inputs.get("word_lists", {})
         self.behavior = folder.behavior_done() if "behavior_prob" in self.names else None
         self.kl = folder.setting_done("next_token_kl") if "next_token_kl" in self.names else None
         self.on_phase = lambda phase: None  # progress: told what scoring runs now
+        self.on_scored = lambda sequences: None  # progress: told how many sequences each forward scored
         self.label = ""
         self.judge = None
         if cfg.eval.judge is not None:
@@ -78,31 +81,52 @@ class Scorer:
         self.label = label
         self.on_phase(label)
 
+    def planned_sequences(self, batches: list[Batch]) -> list[int]:
+        """Per batch, about how many sequences its scoring will forward (the progress display's plan,
+        settled per batch): perplexity per distinct decode; per setting not scored before (one alpha-0
+        setting per concept), the behaviour items, and for next-token KL the prompts (plus the
+        unsteered prompts once per scoring call; alpha 0 needs no forward there)."""
+        per_item = 1 if self.cfg.eval.behavior_format == "ab" else 2  # one forward gives both A/B letters
+        seen_b = {self._unit(k) for k in self.behavior or {}}
+        seen_k = {self._unit(k) for k in self.kl or {}}
+        out = []
+        for b in batches:
+            n = len({c.decode_key for c in b.cells}) if "perplexity" in self.names else 0
+            units = {self._unit(self.setting(c)): c.concept for c in b.cells}
+            if self.behavior is not None:
+                n += sum(len(self.inputs["behavior_items"][c]) * per_item for u, c in units.items() if u not in seen_b)
+                seen_b |= set(units)
+            if self.kl is not None:
+                new = [u for u in units if u not in seen_k and u[1] != "baseline"]
+                n += len(self.prompt_ids) * (len(new) + 1) if new else 0
+                seen_k |= set(units)
+            out.append(n)
+        return out
+
+    @staticmethod
+    def _unit(setting: tuple) -> tuple:
+        """What one score stands for: a setting, or (concept, "baseline") for every alpha-0 setting."""
+        return (setting[0], "baseline") if setting[2] == 0 else setting
+
     def rows(self, batch: Batch, outs: list[G.Completion], seconds: float, worker: str) -> list[dict]:
         """The rows of a finished batch, every metric scored (progress told per forward batch)."""
-        with M.on_batches(lambda done, total: self.on_phase(f"{self.label}: {done}/{total} sequences")):
+        last = [0]
+
+        def tick(done: int, total: int) -> None:
+            self.on_scored(max(done - last[0], 0))
+            last[0] = done if done < total else 0  # the next scoring call counts from 0 again
+            self.on_phase(f"{self.label}: {done}/{total} sequences")
+
+        with M.on_batches(tick):
             return self._rows(batch, outs, seconds, worker)
 
     def _rows(self, batch: Batch, outs: list[G.Completion], seconds: float, worker: str) -> list[dict]:
         cfg, cells = self.cfg, batch.cells
-        if "perplexity" in self.names:
-            self.phase(f"scoring perplexity of {len(cells)} rows")
-        ppl = (
-            with_backoff(lambda bs: M.perplexities(  # OOM: halve the scoring batch (memory.with_backoff)
-                self.model, [self.prompt_ids[c.prompt_id] for c in cells], [o.token_ids for o in outs],
-                self.tokenizer.pad_token_id, bs, layers_path=cfg.model.layers_path), 32, "perplexity")
-            if "perplexity" in self.names else [None] * len(cells)
-        )  # fmt: skip
+        ppl = self.perplexity(cells, outs) if "perplexity" in self.names else [None] * len(cells)
         if self.behavior is not None:
-            new = self._new_settings(cells, self.behavior)
-            if new:
-                self.phase(f"scoring behaviour at {len(new)} settings")
-                self.behavior.update(self.behavior_table(new))
+            self._score_settings(cells, self.behavior, self.behavior_table, "behaviour")
         if self.kl is not None:  # next-token KL from the unsteered model: once per setting, like behavior_prob
-            new = self._new_settings(cells, self.kl)
-            if new:
-                self.phase(f"scoring next-token KL at {len(new)} settings")
-                self.kl.update(self.kl_table(new))
+            self._score_settings(cells, self.kl, self.kl_table, "next-token KL")
         judged = self.judge.score([c.prompt for c in cells], [o.text for o in outs]) if self.judge else None
         rows = []
         for i, (c, o) in enumerate(zip(cells, outs, strict=True)):
@@ -116,7 +140,7 @@ class Scorer:
                 "vector_norm": norm, "prompt_id": c.prompt_id,
                 "prompt": c.prompt, "sample": c.sample, "seed": c.seed, "completion": o.text,
                 "n_new_tokens": o.n_new_tokens, "stop_reason": o.stop_reason,
-                "seconds": seconds / len(cells), "worker": worker,
+                "seconds": seconds / len(cells), "worker": worker, "threads": self.threads,
             }  # fmt: skip
             row.update(M.text_metrics(o.text, o.token_ids, self.names, self.lists, self.patterns))
             if ppl[i] is not None:
@@ -131,15 +155,41 @@ class Scorer:
             rows.append(row)
         return rows
 
-    def _new_settings(self, cells, done: dict) -> list[tuple[tuple, list[tuple], str]]:
-        """The settings of these cells not scored yet: [(setting key, its per-row steering, the
-        cell's configured concept)]."""
-        out: dict[tuple, tuple[tuple, list[tuple], str]] = {}
+    def perplexity(self, cells, outs: list[G.Completion]) -> list[float]:
+        """Perplexity of each row's completion given its prompt (unsteered): once per distinct
+        (prompt, completion), so the rows of one baseline decode get one value."""
+        key = [(c.prompt_id, tuple(o.token_ids)) for c, o in zip(cells, outs, strict=True)]
+        distinct = list(dict.fromkeys(key))
+        self.phase(f"scoring perplexity of {len(distinct)} rows")
+        values = with_backoff(lambda bs: M.perplexities(  # OOM: halve the scoring batch (memory.with_backoff)
+            self.model, [self.prompt_ids[p] for p, _ in distinct], [list(ids) for _, ids in distinct],
+            self.tokenizer.pad_token_id, bs, layers_path=self.cfg.model.layers_path), 32, "perplexity")  # fmt: skip
+        by_key = dict(zip(distinct, values, strict=True))
+        return [by_key[k] for k in key]
+
+    def _score_settings(self, cells, done: dict, table, what: str) -> None:
+        """Score into `done` the settings of these cells not scored yet. Alpha 0 is the unsteered model
+        whatever the layer set, method or mode: one alpha-0 setting per concept is scored (or found
+        among those already scored) and every other alpha-0 setting of that concept takes its value."""
+        new: dict[tuple, tuple[tuple, list[tuple], str]] = {}
         for c in cells:
             key = self.setting(c)
-            if key not in done and key not in out:
-                out[key] = (key, steering_of(c, self.vsets), c.concept)
-        return [out[k] for k in sorted(out, key=str)]
+            if key not in done and key not in new:
+                new[key] = (key, steering_of(c, self.vsets), c.concept)
+        scored = {self._unit(k): k for k in sorted(done, key=str)}  # what stands for each unit already
+        todo, copies = [], []
+        for key in sorted(new, key=str):
+            unit = self._unit(key)
+            if unit in scored:  # an alpha-0 setting whose concept's baseline is scored
+                copies.append((key, scored[unit]))
+            else:
+                scored[unit] = key
+                todo.append(new[key])
+        if todo:
+            self.phase(f"scoring {what} at {len(todo)} settings")
+            done.update(table(todo))
+        for key, source in copies:
+            done[key] = done[source]
 
     def behavior_table(self, settings: list[tuple[tuple, list[tuple], str]]) -> dict:
         """behavior_prob (mean, sem) per setting, scored once per setting with per-row steering, on

@@ -21,16 +21,19 @@ from .loading import dtype_decision
 from .plan import (
     PROJECT_ROOT,
     Batch,
+    Cell,
     PlanError,
     RunPlan,
     all_layers,
     as_list,
+    batch_cells,
     claim_plan,
     concepts,
     deal,
     expand,
     finish_command,
     folder_for,
+    grid_origin,
     identity,
     identity_hash,
     read_plan_doc,
@@ -95,6 +98,7 @@ def run_sweep(cfg: DictConfig, model=None, tokenizer=None, load_info: dict | Non
     st: Prepared = dist.call_on_main(lambda: prepare(cfg))
     folder, plan = st.folder, st.plan
     worker = worker_name(st.shard, dist.rank, dist.world)
+    log.info("grid: %s", grid_origin(cfg))
     w, n = st.shard[0] * dist.world + dist.rank, st.shard[1] * dist.world  # this worker of n
     mine, todo = deal(plan.batches, w, n), plan_todo(plan.batches, st.done, w, n)
     log.info(
@@ -147,8 +151,10 @@ def generate_batches(
     log.info("generating %d batches; up to %d rows per generate call", len(batches), chunk)
     scorer = Scorer(cfg, model, tokenizer, vsets, inputs, prompt_ids, folder)
     n_rows = sum(len(b.cells) for b in batches)
-    progress = Progress(n_rows, gen.max_new_tokens, bool(cfg.progress and show_progress), cfg.progress_every_s)
-    scorer.on_phase = progress.set_phase
+    planned = scorer.planned_sequences(batches)  # scoring is part of the job's progress, not after its 100%
+    progress = Progress(n_rows, gen.max_new_tokens, bool(cfg.progress and show_progress), cfg.progress_every_s,
+                        sequences=sum(planned))  # fmt: skip
+    scorer.on_phase, scorer.on_scored = progress.set_phase, progress.scored
     written = 0
     seen = [0]  # tokens made or released in the current batch
 
@@ -179,8 +185,13 @@ def generate_batches(
         )  # fmt: skip
 
     for k, batch in enumerate(batches, 1):
+        # one decode per decode key: a prompt's alpha-0 cells (every layer, method, mode) are one baseline
+        first: dict[tuple, Cell] = {}
+        for c in batch.cells:
+            first.setdefault(c.decode_key, c)
+        decodes = list(first.values())
         outs: list[G.Completion] = []
-        decode_rows: list[int] = []  # rows of the decode that made each row: the planned batch, or a cut of it
+        decode_rows: list[int] = []  # rows of the decode that made each one: the planned batch, or a cut of it
 
         def done(chunk, o, _s, outs=outs, decode_rows=decode_rows):
             outs.extend(o)
@@ -189,18 +200,18 @@ def generate_batches(
         t0 = time.perf_counter()
         seen[0] = 0
         progress.set_phase(f"generating batch {k}/{len(batches)}")
-        chunk = M.generate_with_backoff(
-            run, list(batch.cells), min(chunk, len(batch.cells)), done, cfg.memory.batch_timeout_s
-        )  # fmt: skip
+        chunk = M.generate_with_backoff(run, decodes, min(chunk, len(decodes)), done, cfg.memory.batch_timeout_s)
         progress.step(0, len(batch.cells) * gen.max_new_tokens - seen[0])  # rows made once for several cells
+        made = {c.decode_key: (o, n) for c, o, n in zip(decodes, outs, decode_rows, strict=True)}
         progress.set_phase(f"scoring batch {k}/{len(batches)}")
-        rows = scorer.rows(batch, outs, time.perf_counter() - t0, worker)
-        for row, n in zip(rows, decode_rows, strict=True):
-            row["decode_rows"] = n
-        if any(n < len(batch.cells) for n in decode_rows):
+        rows = scorer.rows(batch, [made[c.decode_key][0] for c in batch.cells], time.perf_counter() - t0, worker)
+        progress.scored_batch(planned[k - 1])
+        for row, c in zip(rows, batch.cells, strict=True):
+            row["decode_rows"] = made[c.decode_key][1]
+        if any(n < len(decodes) for n in decode_rows):
             log.warning(
                 "batch %s ran in cuts of %s rows instead of %d (memory): its rows record decode_rows",
-                batch.batch_id, sorted(set(decode_rows), reverse=True), len(batch.cells),
+                batch.batch_id, sorted(set(decode_rows), reverse=True), len(decodes),
             )  # fmt: skip
         folder.write_part(rows, worker)
         written += len(rows)
@@ -362,7 +373,7 @@ def status(folder: RunFolder) -> dict:
     order = [row[0] for row in doc["cells"]]
     coords = {row[0]: row[1:] for row in doc["cells"]}
     size = int(doc["batch_size"])
-    batches = [order[s : s + size] for s in range(0, len(order), size)]
+    batches = batch_cells(doc)
     frames, _ = folder.read_parts(columns=["cell_id", "worker"])
     done: set[str] = set()
     counts: set[int] = set()
