@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -121,3 +122,52 @@ def test_tokens_of_a_decode_that_ran_out_of_memory_are_counted_once(tiny, embedd
     plain = last_line(tmp_path / "plain")
     monkeypatch.setattr(G, "generate_rows", flaky)
     assert last_line(tmp_path / "oom") == plain and failed
+
+
+def test_scoring_still_ahead_keeps_the_bar_below_100(caplog):
+    """Generation done, scoring not: the job is not finished, so neither is the bar (it used to read
+    100% and ETA 0:00 with a third to a half of the wall time still ahead)."""
+    import time
+
+    caplog.set_level(logging.INFO, logger="steersweep")
+    p = Progress(rows=2, max_new_tokens=3, enabled=True, every_s=0.0, stream=io.StringIO(), sequences=10)
+    for _ in range(3):
+        time.sleep(0.01)
+        p.step(2)
+    assert p.tokens == p.budget and p.fraction() < 1 and p.remaining_s() > 0
+    time.sleep(0.02)
+    p.scored(5)  # half of the scoring: its measured cost now sets the ETA
+    per_seq = p.score_s / 5
+    assert p.remaining_s() == pytest.approx(5 * per_seq) and 0 < p.fraction() < 1
+    p.scored(3)
+    p.scored_batch(10)  # the batch planned 10 and scored 8: the plan settles to what ran
+    p.rows_written(2)
+    assert p.seq_budget == 8 and p.fraction() == 1 and p.remaining_s() == 0
+    p.close()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+    assert "100%" in lines[-1] and "8/8 scored" in lines[-1] and "ETA 0m00s" in lines[-1]
+    assert not any("100%" in x for x in lines[:-1])
+
+
+def test_a_sweeps_progress_reaches_100_only_when_its_last_batch_is_scored(tiny, embedded_dir, tmp_path, caplog):
+    """A real sweep with every scoring phase: no progress line says 100% before the last one, the
+    lines during scoring name it, and the last line accounts for every token and scored sequence."""
+    import re
+
+    from conftest import tiny_checkpoint
+
+    import steersweep as ss
+
+    model_dir = tiny_checkpoint(tmp_path / "tiny model", embedded_dir, tiny)
+    over = [f"model.path={model_dir}", "model.num_hidden_layers=4", "model.dtype=float32", "prompts.limit=4",
+            "generation.max_new_tokens=6", "generation.batch_size=4", "steering.layers=[1,2]",
+            "steering.alphas=[0,3]", "eval.behavior_limit=8", "progress_every_s=0", "report.enabled=false",
+            "eval.metrics=[behavior_prob,next_token_kl,perplexity]"]  # fmt: skip
+    caplog.set_level(logging.INFO, logger="steersweep")
+    ss.Sweep.from_config(overrides=over, run_dir=tmp_path / "run").run()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+    pct = [int(re.search(r"; (\d+)%", x).group(1)) for x in lines]
+    assert pct[-1] == 100 and max(pct[:-1]) < 100, "\n".join(lines)
+    assert any("scoring" in x for x, p in zip(lines, pct, strict=True) if p > 0)
+    done, total = map(int, re.search(r"(\d+)/(\d+) scored", lines[-1]).groups())
+    assert done == total > 0 and "rows 16/16" in lines[-1] and "ETA 0m00s" in lines[-1]
