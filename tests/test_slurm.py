@@ -16,6 +16,9 @@ from conftest import FP32, PRESET, ROOT
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 LOCAL = ["--partition=debug", "--gpus-per-node=0", "--mem=3G", "--cpus-per-task=2"]  # 2 threads: the cores
+# float32 scores of one cell made with another thread count or batch: 10x the worst seen (1e-5 relative,
+# perplexity on an AMX CPU), about 2^-13: far below any effect a sweep reports, far above float32's 2^-24
+FP32_SCORES = 1e-4
 COMPARE = ["cell_id", "layer", "alpha", "prompt_id", "sample", "completion", "n_new_tokens", "stop_reason"]
 
 
@@ -64,10 +67,16 @@ def assert_same_table(run_dir: Path, direct: pd.DataFrame) -> pd.DataFrame:
     ours = df.sort_values("cell_id")[COMPARE].reset_index(drop=True)
     ref = direct.sort_values("cell_id")[COMPARE].reset_index(drop=True)
     pd.testing.assert_frame_equal(ours, ref)
+    a, b = df.sort_values("cell_id"), direct.sort_values("cell_id")
+    # What is promised (README, What is bit-exact): a row is a function of its cell, its planned batch and
+    # the worker's thread count. A row made in the same batch with as many threads as the direct run's has
+    # the very same perplexity. With other threads (--cpus-per-task=1: on AMX CPUs the float32 GEMMs reduce
+    # in another order), and for behavior_prob (a per-setting score, made in the batch of whichever worker
+    # needed it first), float32 agrees to FP32_SCORES relative to the value: measured 1e-5 on AMX.
+    same = (a.threads.to_numpy() == b.threads.to_numpy()) & (a.decode_rows.to_numpy() == b.decode_rows.to_numpy())
+    assert (a.perplexity.to_numpy()[same] == b.perplexity.to_numpy()[same]).all()
     for col in ("behavior_prob", "perplexity"):
-        a = df.sort_values("cell_id")[col].to_numpy()
-        b = direct.sort_values("cell_id")[col].to_numpy()
-        assert abs(a - b).max() < 1e-3, col
+        assert a[col].to_numpy() == pytest.approx(b[col].to_numpy(), rel=FP32_SCORES), col
     parts = pd.concat([pd.read_parquet(p) for p in (run_dir / "parts").glob("part-*.parquet")])
     assert len(parts) == len(df)  # no cell was made twice
     return df

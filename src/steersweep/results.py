@@ -55,7 +55,10 @@ SCHEMA = pa.schema(
         ("stop_reason", pa.string()),
         ("seconds", pa.float64()),
         ("worker", pa.string()),
-        ("decode_rows", pa.int32()),  # rows of the decode that made it: the planned batch, or a memory cut of it
+        ("decode_rows", pa.int32()),  # distinct rows of the decode that made it: the planned batch's, or a memory cut
+        # torch intra-op threads of the worker that made it: on some CPUs (AMX) the float reductions, so the last
+        # digits of float32 scores, depend on it (README: What is bit-exact)
+        ("threads", pa.int32()),
     ]
 )
 FIXED = [f.name for f in SCHEMA]
