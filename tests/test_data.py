@@ -360,7 +360,7 @@ def test_validate_inputs_reads_caa_files(caa_ab, tmp_path):
         eval__behavior_dataset=str(caa_ab),
     )
     out = validate_inputs(cfg, None)
-    assert set(out) == {"prompts", "pairs", "word_lists", "behavior_items"}
+    assert set(out) == {"prompts", "pairs", "word_lists", "behavior_items", "behavior_main", "behavior_sets"}
     assert out["prompts"] == [{"id": content_id(q["question"]), "prompt": q["question"]} for q in OPEN_ENDED]
     (concept,) = out["pairs"]  # named after the CAA file's folder (see test_concept_of_dataset)
     assert concept == tmp_path.name

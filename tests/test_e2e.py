@@ -152,3 +152,23 @@ def test_caa_paper_files_for_vectors_scoring_and_prompts(tmp_path):
     meta = load(run / "vectors.safetensors").meta
     assert meta["read_at"] == "answer" and meta["pairs_format"] == "ab" and meta["n_pairs"] == "9"
     print(df.groupby("alpha").behavior_prob.mean().to_dict())
+
+
+def test_steerability_on_the_embedded_model(tmp_path):
+    """The shipped sentiment items on the real model: a middle layer moves the items reliably (positive
+    slope, interval above 0), more than layer 0 or 1 do; the report shows it and names the layer."""
+    import steersweep as ss
+
+    run_dir = tmp_path / "run"
+    r = run_cli(f"run_dir={run_dir}", "steering.layers=[0,1,14]", "steering.alphas=[-1,0,1]", "prompts.limit=2",
+                "generation.max_new_tokens=2", "eval.metrics=[behavior_prob]")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = ss.steerability(run_dir).set_index("layers")
+    assert table.n_items.eq(66).all() and table.n_alphas.eq(3).all()
+    assert table.slope_ci_low["14"] > 0 and table.mean_slope["14"] > max(table.mean_slope["0"], table.mean_slope["1"])
+    assert table.anti_steerable["14"] < 0.5
+    pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "steerability.parquet").set_index("layers"), table)
+    summary = (run_dir / "report" / "summary.md").read_text()
+    assert "## Steerability" in summary and "Most steerable on sentiment_continuations: **layer" in summary
+    page = (run_dir / "report" / "index.html").read_text()
+    assert "id='metric-steerability'" in page and 'alt="steerability: items_sentiment_continuations"' in page

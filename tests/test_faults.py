@@ -240,6 +240,10 @@ def test_kill_nine_at_random_moments_then_resume(tmp_path):
     pd.testing.assert_frame_equal(ours, theirs)  # identical greedy completions, every cell once
     cells = pd.concat([pd.read_parquet(f, columns=["cell_id"]) for f in (run_dir / "parts").glob("part-*.parquet")])
     assert cells.cell_id.is_unique and len(cells) == len(df)  # no part duplicated a finished cell
+    # the per-item behaviour scores too: the same item table as the uninterrupted run, number for number
+    items, ref_items = (pd.read_parquet(d / "items.parquet").drop(columns="worker") for d in (run_dir, ref.run_dir))
+    assert len(items) == 2 * 4 * 16  # layers x alphas x behaviour items
+    pd.testing.assert_frame_equal(items, ref_items)
 
 
 STALL_S = 600  # a stall the 2 s watchdogs must cut short

@@ -734,9 +734,9 @@ def test_two_concepts_in_one_run_from_datasets_and_from_files(tiny, tokenizer, e
 
 
 def test_a_multi_axis_grid_resumes_without_rescoring(tiny, embedded_dir, tmp_path, monkeypatch, caplog):
-    """A job that dies after two of its batches (methods x modes x layer sets, 4-row batches) and is
+    """A job that dies after one of its batches (methods x modes x layer sets, 4-decode batches) and is
     run again: the table equals an uninterrupted run's, and the resumed job scores no setting the
-    dead one had scored (their keys are read back from the written rows)."""
+    dead one had scored (read back from its item files)."""
     import logging
 
     import pandas as pd
@@ -753,18 +753,26 @@ def test_a_multi_axis_grid_resumes_without_rescoring(tiny, embedded_dir, tmp_pat
     ref = pd.DataFrame(ss.Sweep.from_config(overrides=over, run_dir=tmp_path / "ref").run())
     real, written = RunFolder.write_part, []
 
-    def dies_after_two(self, rows, worker):
-        if len(written) == 2:
+    def dies_after_one(self, rows, worker):  # the 2nd batch's items are written, its part is not
+        if len(written) == 1:
             raise KeyboardInterrupt("killed")
         written.append(len(rows))
         return real(self, rows, worker)
 
-    monkeypatch.setattr(RunFolder, "write_part", dies_after_two)
+    monkeypatch.setattr(RunFolder, "write_part", dies_after_one)
     with pytest.raises(KeyboardInterrupt):
         ss.Sweep.from_config(overrides=over, run_dir=tmp_path / "run").run()
     monkeypatch.setattr(RunFolder, "write_part", real)
-    scored_before = set(RunFolder(tmp_path / "run").behavior_done())
-    assert 0 < len(scored_before) < 16
+
+    # what the dead job had scored: the settings in its item files (written before each batch's part), where
+    # every alpha-0 setting is one unit (the unsteered model, scored once; the others copy it)
+    def units(settings):
+        return {("baseline",) if alpha == 0 else (layers, alpha, m, mode) for layers, alpha, m, mode in settings}
+
+    every = units({(r.layers, r.alpha, r.method, r.mode) for r in ref.itertuples()})
+    items = RunFolder(tmp_path / "run").read_items()
+    scored_before = units({(r.layers, r.alpha, r.method, r.mode) for r in items.itertuples()})
+    assert 0 < len(scored_before) < len(every) == 1 + 8  # the baseline + 2 methods x 2 modes x 2 sets at alpha 3
     caplog.set_level(logging.INFO, logger="steersweep")
     again = pd.DataFrame(ss.Sweep.from_config(overrides=over, run_dir=tmp_path / "run").run())
     key = "cell_id"
@@ -775,4 +783,7 @@ def test_a_multi_axis_grid_resumes_without_rescoring(tiny, embedded_dir, tmp_pat
     scored = sum(
         int(r.getMessage().split()[2]) for r in caplog.records if r.getMessage().startswith("behavior_prob for")
     )
-    assert scored == 16 - len(scored_before)
+    assert scored == len(every) - len(scored_before)
+    assert pd.read_parquet(tmp_path / "run" / "items.parquet").equals(
+        pd.read_parquet(tmp_path / "ref" / "items.parquet")
+    )

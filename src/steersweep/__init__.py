@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .api import Loaded, Report, Sweep, behavior_prob, compose_config, compute_vectors, load, steer
+    from .api import Loaded, Report, Sweep, behavior_prob, compose_config, compute_vectors, load, steer, steerability
     from .vectors import VectorSet
 
 _LAZY = {
@@ -29,6 +29,7 @@ _LAZY = {
     "load": "api",
     "report": "api",
     "steer": "api",
+    "steerability": "api",
     "VectorSet": "vectors",
 }
 
@@ -43,6 +44,7 @@ __all__ = [
     "load",
     "report",
     "steer",
+    "steerability",
 ]
 
 

@@ -687,7 +687,8 @@ def behavior_prob(
     length_normalize: bool = False,
     batch_size: int = 32,
     layers_path: str | None = None,
-) -> float:
+    per_item: bool = False,
+) -> float | pd.DataFrame:
     """The sweep's `behavior_prob` at one (layer, alpha): mean p(matching answer) over two-choice items.
 
     p(matching) = sigmoid(lp(matching) - lp(other)), each answer scored as the suffix of the
@@ -708,8 +709,12 @@ def behavior_prob(
         batch_size: sequences per forward pass.
         layers_path: dotted path to the decoder layers if auto-detection fails.
 
+        per_item: return every item's scores instead of their mean.
+
     Returns:
-        The mean over items, in [0, 1] (0.5 = no preference).
+        The mean over items, in [0, 1] (0.5 = no preference); with `per_item`, a DataFrame with one row
+        per item: item_id, logp_match, logp_other, propensity (their difference), behavior_prob (the
+        item table's columns, as a sweep writes them to items.parquet).
     """
     from . import metrics as M
     from .data import load_behavior_items
@@ -728,10 +733,42 @@ def behavior_prob(
     enc = M.encode_behavior_items(tokenizer, rows, fmt, use_chat_template(tokenizer, chat_template))
     _check_steering(positions, mode)
     setting = [(*r, mode) for r in _settings(model, 1, layer, alpha, vectors, layers_path)]
-    (mean, _sem) = M.behavior_probs(
+    (scores,) = M.behavior_item_scores(
         model, enc, setting, M.pad_id_of(tokenizer), batch_size, layers_path, positions, length_normalize
-    )[0]
-    return mean
+    )
+    if not per_item:
+        return M.behavior_summary(scores)[0]
+    import pandas as pd
+
+    return pd.DataFrame(
+        [{"item_id": str(r["id"]), "logp_match": m, "logp_other": o, "propensity": m - o,
+          "behavior_prob": M.sigmoid(m - o)} for r, (m, o) in zip(rows, scores, strict=True)]
+    )  # fmt: skip
+
+
+def steerability(items) -> pd.DataFrame:
+    """The steerability table of a sweep (`steersweep.reliability`): per concept, method, mode, layer set
+    and item set, the mean slope of item propensity against alpha with its 95% interval, the share of
+    anti-steerable items, Spearman and the fit's residual.
+
+    Args:
+        items: a run folder, its items.parquet, or the item table as a DataFrame.
+    """
+    import pandas as pd
+
+    from .reliability import steerability as table
+    from .results import RunFolder
+    from .validate import ConfigError
+
+    if not isinstance(items, pd.DataFrame):
+        path = Path(items)
+        path = RunFolder(path).items_path if path.is_dir() else path
+        if not path.is_file():
+            raise ConfigError(
+                f"{path} not found: give a run folder whose sweep scored behavior_prob (it writes items.parquet)"
+            )
+        items = pd.read_parquet(path)
+    return table(items)
 
 
 def _check_steering(positions: str, mode: str) -> None:

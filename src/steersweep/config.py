@@ -122,6 +122,9 @@ class EvalConfig:
     behavior_format: str = "continuation"  # continuation | ab
     behavior_limit: int | None = None  # score only the first N items per cell
     behavior_length_normalize: bool = False  # compare mean (not total) log-prob per answer token
+    # more behaviour item sets scored at every setting, each as its file holds it (continuation or A/B): the item
+    # table and steerability per set, side by side (does the vector generalise beyond its own distribution?)
+    behavior_sets: list[str] = field(default_factory=list)
     regex: dict[str, str] = field(default_factory=dict)  # name -> pattern; column regex_<name> counts
     judge: JudgeConfig | None = None  # optional LLM judge (off when null)
 

@@ -85,6 +85,22 @@ PAIR_FORMATS = ("pairs", "caa_ab")
 BEHAVIOR_FORMATS = {"continuation": ("continuation",), "ab": ("ab", "caa_ab")}
 
 
+def set_name(name_or_path: str) -> str:
+    """A behaviour item set's name in the item table: its file's stem (`refusal/test_dataset_ab.json` ->
+    test_dataset_ab, `sentiment_ab` -> sentiment_ab)."""
+    return Path(str(name_or_path)).name.split(".")[0]
+
+
+def items_form(items: list[dict]) -> str:
+    """How loaded behaviour items are scored: continuation ({prefix, ...}) or ab ({question, A, B, ...})."""
+    return "continuation" if items and "prefix" in items[0] else "ab"
+
+
+def behavior_form(fmt: str) -> str:
+    """How items of a file format are scored: continuation or ab."""
+    return next(form for form, fmts in BEHAVIOR_FORMATS.items() if fmt in fmts)
+
+
 class DatasetError(ValueError):
     """A dataset file is missing or malformed."""
 
@@ -414,11 +430,14 @@ def load_pairs(name_or_path: str, format: str | None = None) -> list[dict]:
 
 
 def load_behavior_items(name_or_path: str, form: str = "continuation", format: str | None = None) -> list[dict]:
-    """Two-choice items scored as `form` (eval.behavior_format: continuation or ab)."""
-    if form not in BEHAVIOR_FORMATS:
+    """Two-choice items scored as `form` (eval.behavior_format: continuation or ab; auto: as the file holds them,
+    for eval.behavior_sets, whose files may hold either)."""
+    if form not in (*BEHAVIOR_FORMATS, "auto"):
         raise DatasetError(f"behaviour items are scored as continuation or ab, not {form!r}")
     allowed = BEHAVIOR_FORMATS["continuation"] + BEHAVIOR_FORMATS["ab"]
-    path, items, fmt = _records(name_or_path, "behavior", form, allowed, format)
+    path, items, fmt = _records(name_or_path, "behavior", "continuation" if form == "auto" else form, allowed, format)
+    if form == "auto":
+        form = behavior_form(fmt)
     if fmt not in BEHAVIOR_FORMATS[form]:
         want = "ab" if form == "continuation" else "continuation"
         raise DatasetError(

@@ -24,6 +24,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from .encoding import Encoded, EncodingError, encode, model_inputs, pad_id_of  # noqa: F401 (pad_id_of for callers)
@@ -313,7 +314,7 @@ def sigmoid(x: float) -> float:
     return e / (1.0 + e)
 
 
-def behavior_probs(
+def behavior_item_scores(
     model,
     encoded: Sequence[tuple[Encoded, Encoded]],
     settings: Sequence[tuple[int, float, torch.Tensor]],
@@ -322,8 +323,9 @@ def behavior_probs(
     layers_path: str | None = None,
     positions: str = "all",
     length_normalize: bool = False,
-) -> list[tuple[float, float]]:
-    """(mean, standard error) over items of p(matching) = sigmoid(lp(matching) - lp(other)), per setting.
+) -> list[list[tuple[float, float]]]:
+    """Per setting, per item: (lp(matching), lp(other)); propensity = their difference, and the item's
+    p(matching) = sigmoid(propensity) (`behavior_summary`).
 
     lp is an answer's total log-probability given its context under the setting's steering on
     `positions` (all, or generated: the context's last token and the answer), or its mean per
@@ -371,14 +373,33 @@ def behavior_probs(
             return alt_lps[row]  # a one-token answer: sum == mean
         return sum(lps[row]) / len(lps[row]) if length_normalize else sum(lps[row])
 
-    out = []
-    n = len(encoded)
-    for key in keys:
-        ps = [sigmoid(lp(where[(key, i)][0]) - lp(where[(key, i)][1])) for i in range(n)]
-        mean = sum(ps) / n
-        var = sum((p - mean) ** 2 for p in ps) / (n - 1) if n > 1 else 0.0
-        out.append((mean, math.sqrt(var / n)))
-    return out
+    return [[(lp(where[(key, i)][0]), lp(where[(key, i)][1])) for i in range(len(encoded))] for key in keys]
+
+
+def behavior_summary(scores: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """(mean, standard error) over items of p(matching) = sigmoid(lp(matching) - lp(other)). The mean is
+    numpy's, so it equals the mean of the item table's behavior_prob column (pandas) bit for bit."""
+    ps = np.array([sigmoid(m - o) for m, o in scores], dtype=np.float64)
+    n = len(ps)
+    sem = float(ps.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    return float(ps.mean()), sem
+
+
+def behavior_probs(
+    model,
+    encoded: Sequence[tuple[Encoded, Encoded]],
+    settings: Sequence[tuple[int, float, torch.Tensor]],
+    pad_id: int | None,
+    batch_size: int = 32,
+    layers_path: str | None = None,
+    positions: str = "all",
+    length_normalize: bool = False,
+) -> list[tuple[float, float]]:
+    """(mean, standard error) over items of p(matching), per setting (`behavior_item_scores`)."""
+    scores = behavior_item_scores(
+        model, encoded, settings, pad_id, batch_size, layers_path, positions, length_normalize
+    )
+    return [behavior_summary(s) for s in scores]
 
 
 # ---------------------------------------------------------------------------------------------

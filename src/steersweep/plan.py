@@ -107,6 +107,8 @@ def identity(cfg: DictConfig) -> dict:
         for k in keys:
             out[group].pop(k, None)
     out["model"]["dtype"] = resolved_dtype_name(cfg.model.dtype)  # auto means different rows per machine
+    if not out["eval"].get("behavior_sets"):  # added later: a run without extra item sets keeps its identity
+        out["eval"].pop("behavior_sets", None)
     out["input_files"] = input_digests(cfg)
     return out
 
@@ -122,6 +124,8 @@ def input_digests(cfg: DictConfig) -> dict[str, str | None]:
     if "behavior_prob" in cfg.eval.metrics:
         for i, name in enumerate(as_list(cfg.eval.behavior_dataset)):
             named["behavior_items" + (f".{i}" if i else "")] = name
+        for name in cfg.eval.get("behavior_sets") or []:
+            named[f"behavior_set.{name}"] = name
     out: dict[str, str | None] = {}
     for key, name in named.items():
         path = None

@@ -487,7 +487,7 @@ def variant_tables(
     return out
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 
 
@@ -558,7 +558,7 @@ def write_report(
             lines += [markdown_table(pivot), ""]
             images = []
             for model in sv.model.unique():
-                tag = _slug(f"{metric}_{model}" + (f"__{variant}" if variant else ""))
+                tag = slug(f"{metric}_{model}" + (f"__{variant}" if variant else ""))
                 heatmap(sv, metric, model, out / f"heatmap_{tag}.png", variant)
                 curves(sv, metric, model, out / f"curves_{tag}.png", variant)
                 lines.append(f"![{metric} heatmap](heatmap_{tag}.png) ![{metric} curves](curves_{tag}.png)")
@@ -566,6 +566,12 @@ def write_report(
             lines.append("")
             facets.append(Facet(variant, pivot, images))
         sections.append(Section(metric, note, facets))
+    from .report_steerability import steerability_part  # the report's steerability (items.parquet), after its tables
+
+    more, steer_section = steerability_part(dirs[0], out)
+    lines += more
+    if steer_section is not None:
+        sections.append(steer_section)
     lines += ["## Example completions", ""]
     if best is not None:
         t = tidy(df)

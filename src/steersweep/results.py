@@ -68,6 +68,28 @@ SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|access_key
 SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
 
 
+# The item table (items.parquet): one row per behaviour item scored at one setting, the numbers behind each
+# setting's behavior_prob (its mean) and the run's steerability (reliability.steerability).
+ITEM_SCHEMA = pa.schema(
+    [
+        ("concept", pa.string()),
+        ("method", pa.string()),
+        ("mode", pa.string()),
+        ("layers", pa.string()),  # the steered set's label, as results.parquet's `layers`
+        ("layer", pa.int32()),  # its first layer
+        ("alpha", pa.float64()),
+        ("item_set", pa.string()),  # which behaviour set: eval.behavior_dataset's, or one of eval.behavior_sets
+        ("item_id", pa.string()),
+        ("logp_match", pa.float64()),  # log-probability of the matching answer (per token with length_normalize)
+        ("logp_other", pa.float64()),
+        ("propensity", pa.float64()),  # logp_match - logp_other
+        ("behavior_prob", pa.float64()),  # sigmoid(propensity)
+        ("worker", pa.string()),
+    ]
+)
+ITEM_KEY = ["concept", "method", "mode", "layers", "alpha", "item_set", "item_id"]
+
+
 class ResultsError(RuntimeError):
     """The results folder cannot be used."""
 
@@ -86,6 +108,7 @@ class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.parts = self.path / "parts"
+        self.item_parts = self.path / "items"  # item-*.parquet: per-item behaviour scores, one file per scoring
 
     def create(self) -> None:
         blocker = next((p for p in (self.path, *self.path.parents) if p.exists() and not p.is_dir()), None)
@@ -102,7 +125,9 @@ class RunFolder:
             probe = self.parts / f".probe-{uuid.uuid4().hex[:8]}"
             probe.write_bytes(b"")
             probe.unlink()
-            for tmp in clean_stale_tmp(self.parts) + clean_stale_tmp(self.path):  # parts; manifest, vectors
+            stale = clean_stale_tmp(self.parts) + clean_stale_tmp(self.path)  # parts; manifest, vectors
+            stale += clean_stale_tmp(self.item_parts) if self.item_parts.is_dir() else []
+            for tmp in stale:
                 log.info("removed %s, left by a writer that was killed", tmp.name)
         except OSError as e:
             raise ResultsError(
@@ -123,6 +148,57 @@ class RunFolder:
                 "run_dir; rerun the same command to resume"
             ) from e
         return path
+
+    @property
+    def items_path(self) -> Path:
+        """The merged item table (`merge_items`)."""
+        return self.path / "items.parquet"
+
+    @property
+    def steerability_path(self) -> Path:
+        """The steerability table the report computes from the item table."""
+        return self.path / "steerability.parquet"
+
+    def write_items(self, rows: list[dict], worker: str) -> Path | None:
+        """Write the item rows of one scoring (every setting it scored, all items) as one file, atomically,
+        before the batch's part: a setting's items are in the folder whole or not at all."""
+        if not rows:
+            return None
+        self.item_parts.mkdir(exist_ok=True)
+        path = self.item_parts / f"item-{worker}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
+        table = pa.Table.from_pylist([{**r, "worker": worker} for r in rows], schema=ITEM_SCHEMA)
+        try:
+            atomic_write_bytes(path, lambda tmp: pq.write_table(table, tmp))
+        except OSError as e:
+            raise ResultsError(
+                f"cannot write an item file in {self.item_parts} ({e.strerror or e}): free disk space or choose "
+                "another run_dir; rerun the same command to resume"
+            ) from e
+        return path
+
+    def read_items(self) -> pd.DataFrame:
+        """Every item row written so far (a setting scored twice, by two shards at once: the first file's)."""
+        frames = []
+        for p in sorted(self.item_parts.glob("item-*.parquet")) if self.item_parts.is_dir() else []:
+            try:
+                frames.append(pq.read_table(p).to_pandas())
+            except Exception:  # half-written by a killed writer cannot happen (atomic), a foreign file can
+                log.warning("skipping unreadable item file %s", p)
+        if not frames:
+            return ITEM_SCHEMA.empty_table().to_pandas()
+        return pd.concat(frames, ignore_index=True).drop_duplicates(ITEM_KEY, keep="first").reset_index(drop=True)
+
+    def merge_items(self) -> tuple[pd.DataFrame, Path] | None:
+        """items.parquet from the item files, sorted like results.parquet (None when nothing was scored)."""
+        df = self.read_items()
+        if df.empty:
+            return None
+        df = df.sort_values(["concept", "method", "mode", "layer", "layers", "item_set", "alpha", "item_id"],
+                            kind="stable").reset_index(drop=True)  # fmt: skip
+        out = self.items_path
+        table = pa.Table.from_pandas(df, schema=ITEM_SCHEMA, preserve_index=False)
+        atomic_write_bytes(out, lambda tmp: pq.write_table(table, tmp))
+        return df, out
 
     def part_files(self) -> list[Path]:
         return sorted(p for p in self.parts.glob("part-*.parquet")) if self.parts.is_dir() else []
@@ -166,7 +242,7 @@ class RunFolder:
         return out
 
     def merge(self, csv: bool = False, keep: set[str] | None = None) -> tuple[pd.DataFrame, Path]:
-        """Concatenate all parts into results.parquet: one row per cell id, sorted.
+        """Concatenate all parts into results.parquet: one row per cell id, sorted; items.parquet likewise.
 
         Args:
             keep: the plan's cell ids; rows of any other cell are left out of the table.
@@ -189,6 +265,7 @@ class RunFolder:
         atomic_write_bytes(out, lambda tmp: pq.write_table(table, tmp))
         if csv:
             atomic_write_bytes(self.path / "results.csv", lambda tmp: df.to_csv(tmp, index=False))
+        self.merge_items()  # the item table beside it (behaviour scores per item)
         if bad:
             log.warning("merge skipped %d unreadable part file(s)", len(bad))
         return df, out

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from . import generation as G
 from . import metrics as M
+from .data import items_form
 from .hooks import hook_name
 from .memory import with_backoff
 from .plan import Batch, Cell
@@ -51,7 +52,10 @@ class Scorer:
         self.names = list(cfg.eval.metrics)
         self.patterns = dict(cfg.eval.regex)
         self.lists = inputs.get("word_lists", {})
-        self.behavior = folder.behavior_done() if "behavior_prob" in self.names else None
+        self.folder, self.worker = folder, ""
+        # (setting, item set) -> its item rows: what each behavior_prob is the mean of (items.parquet)
+        self.items: dict[tuple[tuple, str], list[dict]] = {}
+        self.behavior = self._behavior_done() if "behavior_prob" in self.names else None
         self.kl = folder.setting_done("next_token_kl") if "next_token_kl" in self.names else None
         self.on_phase = lambda phase: None  # progress: told what scoring runs now
         self.on_scored = lambda sequences: None  # progress: told how many sequences each forward scored
@@ -86,7 +90,11 @@ class Scorer:
         settled per batch): perplexity per distinct decode; per setting not scored before (one alpha-0
         setting per concept), the behaviour items, and for next-token KL the prompts (plus the
         unsteered prompts once per scoring call; alpha 0 needs no forward there)."""
-        per_item = 1 if self.cfg.eval.behavior_format == "ab" else 2  # one forward gives both A/B letters
+
+        def forwards(concept: str) -> int:  # one forward gives both A/B letters; a continuation takes two
+            sets = [self.inputs["behavior_items"][concept], *self.inputs.get("behavior_sets", {}).values()]
+            return sum(len(items) * (1 if items_form(items) == "ab" else 2) for items in sets)
+
         seen_b = {self._unit(k) for k in self.behavior or {}}
         seen_k = {self._unit(k) for k in self.kl or {}}
         out = []
@@ -94,7 +102,7 @@ class Scorer:
             n = len({c.decode_key for c in b.cells}) if "perplexity" in self.names else 0
             units = {self._unit(self.setting(c)): c.concept for c in b.cells}
             if self.behavior is not None:
-                n += sum(len(self.inputs["behavior_items"][c]) * per_item for u, c in units.items() if u not in seen_b)
+                n += sum(forwards(c) for u, c in units.items() if u not in seen_b)
                 seen_b |= set(units)
             if self.kl is not None:
                 new = [u for u in units if u not in seen_k and u[1] != "baseline"]
@@ -110,6 +118,7 @@ class Scorer:
 
     def rows(self, batch: Batch, outs: list[G.Completion], seconds: float, worker: str) -> list[dict]:
         """The rows of a finished batch, every metric scored (progress told per forward batch)."""
+        self.worker = worker
         last = [0]
 
         def tick(done: int, total: int) -> None:
@@ -124,7 +133,10 @@ class Scorer:
         cfg, cells = self.cfg, batch.cells
         ppl = self.perplexity(cells, outs) if "perplexity" in self.names else [None] * len(cells)
         if self.behavior is not None:
-            self._score_settings(cells, self.behavior, self.behavior_table, "behaviour")
+            written: list[dict] = []
+            self._score_settings(cells, self.behavior, lambda todo: self.behavior_table(todo, written), "behaviour",
+                                 copy=lambda key, source: written.extend(self._copy_items(key, source)))  # fmt: skip
+            self.folder.write_items(written, self.worker)  # before the batch's part: resumes find them
         if self.kl is not None:  # next-token KL from the unsteered model: once per setting, like behavior_prob
             self._score_settings(cells, self.kl, self.kl_table, "next-token KL")
         judged = self.judge.score([c.prompt for c in cells], [o.text for o in outs]) if self.judge else None
@@ -167,7 +179,32 @@ class Scorer:
         by_key = dict(zip(distinct, values, strict=True))
         return [by_key[k] for k in key]
 
-    def _score_settings(self, cells, done: dict, table, what: str) -> None:
+    def _behavior_done(self) -> dict:
+        """behavior_prob (mean, sem) of the settings already scored in the folder: from the item files (the
+        mean of a setting's items on its concept's main set), else from rows of a folder made before them."""
+        done = self.folder.behavior_done()
+        items = self.folder.read_items()
+        mains = set(self.inputs.get("behavior_main", {}).values())
+        for key, g in items.groupby(["concept", "layers", "alpha", "method", "mode", "item_set"], sort=False):
+            setting = (str(key[0]), str(key[1]), float(key[2]), str(key[3]), str(key[4]))
+            rows = g.drop(columns="worker").to_dict("records")
+            self.items[(setting, str(key[5]))] = rows
+            if key[5] in mains:
+                done[setting] = M.behavior_summary([(r["logp_match"], r["logp_other"]) for r in rows])
+        return done
+
+    def _copy_items(self, key: tuple, source: tuple) -> list[dict]:
+        """An alpha-0 setting's item rows: its concept's baseline's, under its own setting."""
+        out = []
+        for (setting, item_set), rows in list(self.items.items()):
+            if setting == source:
+                mine = [{**r, "layers": key[1], "method": key[3], "mode": key[4], "layer": _first_layer(key[1])}
+                        for r in rows]  # fmt: skip
+                self.items[(key, item_set)] = mine
+                out += mine
+        return out
+
+    def _score_settings(self, cells, done: dict, table, what: str, copy=None) -> None:
         """Score into `done` the settings of these cells not scored yet. Alpha 0 is the unsteered model
         whatever the layer set, method or mode: one alpha-0 setting per concept is scored (or found
         among those already scored) and every other alpha-0 setting of that concept takes its value."""
@@ -190,11 +227,13 @@ class Scorer:
             done.update(table(todo))
         for key, source in copies:
             done[key] = done[source]
+            if copy is not None:
+                copy(key, source)
 
-    def behavior_table(self, settings: list[tuple[tuple, list[tuple], str]]) -> dict:
+    def behavior_table(self, settings: list[tuple[tuple, list[tuple], str]], item_rows: list[dict]) -> dict:
         """behavior_prob (mean, sem) per setting, scored once per setting with per-row steering, on
         the behaviour items of the setting's concept (`eval.behavior_dataset`, one per concept or one
-        for all).
+        for all); the per-item scores of that set and of every `eval.behavior_sets` set go to `item_rows`.
 
         Answers are scored as the suffix of the jointly encoded context + answer, steered on
         `steering.positions`; `eval.behavior_length_normalize` scores the
@@ -207,17 +246,26 @@ class Scorer:
         for concept in dict.fromkeys(concept for _, _, concept in settings):
             t0 = time.perf_counter()
             mine = [(key, steering) for key, steering, c in settings if c == concept]
-            items = self.inputs["behavior_items"][concept]
-            enc = M.encode_behavior_items(tok, items, cfg.eval.behavior_format, chat)
-            rows = [steering for _, steering in mine]
-            res = with_backoff(lambda bs, enc=enc, rows=rows: M.behavior_probs(
-                self.model, enc, rows, M.pad_id_of(tok), bs, cfg.model.layers_path, cfg.steering.positions, norm
-            ), 32, "behavior_prob")  # fmt: skip
+            main = self.inputs["behavior_main"][concept]
+            sets = {main: self.inputs["behavior_items"][concept], **self.inputs.get("behavior_sets", {})}
+            for item_set, items in sets.items():
+                enc = M.encode_behavior_items(tok, items, items_form(items), chat)
+                rows = [steering for _, steering in mine]
+                scores = with_backoff(lambda bs, enc=enc, rows=rows: M.behavior_item_scores(
+                    self.model, enc, rows, M.pad_id_of(tok), bs, cfg.model.layers_path, cfg.steering.positions, norm
+                ), 32, "behavior_prob")  # fmt: skip
+                for (key, _), per_item in zip(mine, scores, strict=True):
+                    made = [
+                        _item_row(key, item_set, it["id"], m, o) for it, (m, o) in zip(items, per_item, strict=True)
+                    ]
+                    self.items[(key, item_set)] = made
+                    item_rows += made
+                    if item_set == main:
+                        out[key] = M.behavior_summary(per_item)
             log.info(
-                "behavior_prob for %d settings x %d %s items in %.1f s",
-                len(mine), len(enc), concept, time.perf_counter() - t0,
+                "behavior_prob for %d settings x %d %s items (%s) in %.1f s",
+                len(mine), sum(map(len, sets.values())), concept, ", ".join(sets), time.perf_counter() - t0,
             )  # fmt: skip
-            out.update(zip([key for key, _ in mine], res, strict=True))
         return out
 
     def kl_table(self, settings: list[tuple[tuple, list[tuple], str]]) -> dict:
@@ -233,3 +281,19 @@ class Scorer:
         dt = time.perf_counter() - t0
         log.info("next_token_kl for %d settings x %d prompts in %.1f s", len(settings), len(prompts), dt)
         return dict(zip([key for key, _, _ in settings], res, strict=True))
+
+
+def _first_layer(label: str) -> int:
+    """The first layer of a layer-set label ("10", "10+14"; "all" starts at 0)."""
+    return 0 if label == "all" else int(label.split("+")[0])
+
+
+def _item_row(setting: tuple, item_set: str, item_id: str, logp_match: float, logp_other: float) -> dict:
+    """One row of the item table (results.ITEM_SCHEMA)."""
+    concept, label, alpha, method, mode = setting
+    propensity = logp_match - logp_other
+    return {
+        "concept": concept, "method": method, "mode": mode, "layers": label, "layer": _first_layer(label),
+        "alpha": alpha, "item_set": item_set, "item_id": str(item_id), "logp_match": logp_match,
+        "logp_other": logp_other, "propensity": propensity, "behavior_prob": M.sigmoid(propensity),
+    }  # fmt: skip

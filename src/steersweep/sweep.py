@@ -359,10 +359,34 @@ def end_summary(df, path, written: int, cfg: DictConfig, report: str | None) -> 
         lines.append(f"  best by {obj}: {cell} (mean {obj} {best['objective']:.3g}; {rule})")
     else:
         lines.append(f"  best by {obj}: none ({rule})")
+    steer = folder_steerability(Path(path).parent, cfg)
+    if steer:
+        lines.append(f"  {steer}")
     if report:
         html = Path(report).with_name("index.html")
         lines.append(f"  report: {html if html.is_file() else report}")
     return "\n".join(lines)
+
+
+def folder_steerability(run_dir: Path, cfg: DictConfig) -> str:
+    """The most steerable layer set on the run's main behaviour items, in words ("" without a table)."""
+    import pandas as pd
+
+    from .data import set_name
+    from .reliability import most_steerable
+
+    path = RunFolder(run_dir).steerability_path
+    if not path.is_file():
+        return ""
+    table = pd.read_parquet(path)
+    main = table[table.item_set == set_name(as_list(cfg.eval.behavior_dataset)[0])]
+    best = most_steerable(main) if len(main[["concept", "method", "mode"]].drop_duplicates()) == 1 else None
+    if best is None:
+        return ""
+    return (
+        f"most steerable: layers {best.layers} on {best.item_set} (mean slope {best.mean_slope:.3g}, 95% "
+        f"[{best.slope_ci_low:.3g}, {best.slope_ci_high:.3g}]; {best.anti_steerable:.0%} of items anti-steerable)"
+    )
 
 
 def status(folder: RunFolder) -> dict:

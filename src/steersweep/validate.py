@@ -318,6 +318,17 @@ def validate_inputs(cfg: DictConfig, hf) -> dict:
             for concept, name in behavior_datasets(cfg).items():
                 items = data.load_behavior_items(name, cfg.eval.behavior_format)
                 out["behavior_items"][concept] = items[: cfg.eval.behavior_limit] if cfg.eval.behavior_limit else items
+            out["behavior_main"] = {c: data.set_name(name) for c, name in behavior_datasets(cfg).items()}
+            out["behavior_sets"] = {}  # {set name: items}: scored at every setting too, each as its file holds it
+            mains = set(out["behavior_main"].values())
+            for name in cfg.eval.get("behavior_sets") or []:
+                label = data.set_name(name)
+                check(
+                    label not in mains and label not in out["behavior_sets"],
+                    f"eval.behavior_sets: {name} is named {label}, like another set: give each set its own file name",
+                )
+                items = data.load_behavior_items(str(name), "auto")
+                out["behavior_sets"][label] = items[: cfg.eval.behavior_limit] if cfg.eval.behavior_limit else items
     except data.DatasetError as e:
         raise ConfigError(str(e)) from None
     if cfg.vectors.source == "file":  # {concept: VectorSet}
