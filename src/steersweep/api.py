@@ -28,6 +28,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .paths import CONF_DIR
+
 if TYPE_CHECKING:
     import pandas as pd
     import torch
@@ -43,13 +45,6 @@ __all__ = ["Loaded", "Report", "Sweep", "behavior_prob", "compose_config", "comp
 
 # ---------------------------------------------------------------------------------------------
 # Config
-
-
-def conf_dir() -> Path:
-    """The Hydra config folder the CLI composes from (`conf/` at the project root)."""
-    from .plan import PROJECT_ROOT
-
-    return PROJECT_ROOT / "conf"
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
@@ -80,10 +75,10 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     outer = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose(config_name="config", overrides=[str(o) for o in overrides])
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(compose_error(e, [str(o) for o in overrides], conf_dir())) from None
+        raise ConfigError(compose_error(e, [str(o) for o in overrides], CONF_DIR)) from None
     finally:
         if outer is not None:
             GlobalHydra.instance().clear()

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from .fileio import claim
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PLAN_FILE = "plan.json"
 PLAN_FORMAT = "steersweep.plan.v2"  # v2: batches listed (a baseline is one decode)
 DEFAULT_BATCH = 64  # rows per planned batch when generation.batch_size=0
@@ -358,12 +358,13 @@ def worker_name(shard: tuple[int, int], rank: int = 0, world: int = 1) -> str:
 
 def folder_for(cfg: DictConfig, ident_hash: str) -> Path:
     """`run_dir` as given, else `<results_root>/<run_name or model-concept>-<identity hash>`:
-    readable, and two configs never share a default folder."""
+    readable, and two configs never share a default folder. A relative `results_root` is under the
+    working directory (`./results` where the command runs), as Hydra's sweep folder is."""
     if cfg.run_dir:
         return Path(cfg.run_dir).expanduser()
     name = cfg.run_name or f"{cfg.model.name}-{'+'.join(c for c, _ in concepts(cfg))}"
     root = Path(cfg.results_root).expanduser()
-    return (root if root.is_absolute() else PROJECT_ROOT / root) / f"{name}-{ident_hash}"
+    return root.absolute() / f"{name}-{ident_hash}"
 
 
 def launch_command() -> list[str]:
@@ -383,9 +384,15 @@ def run_dir_arg(folder: Path) -> str:
     return shlex.quote(f"run_dir={path}")
 
 
+def cli_command() -> str:
+    """The command line as this process was started: `python run_experiment.py` in a checkout, else
+    `steersweep` (the console script; also what a notebook's user types)."""
+    return "python run_experiment.py" if Path(sys.argv[0]).name == "run_experiment.py" else "steersweep"
+
+
 def finish_command(command: list[str], folder: Path) -> str:
     keep = [a for a in command if a.split("=")[0].lstrip("+~") not in ("shard_index", "shard_count", "run_dir", "task")]
-    return " ".join(["python run_experiment.py", *map(shlex.quote, keep), run_dir_arg(folder)])
+    return " ".join([cli_command(), *map(shlex.quote, keep), run_dir_arg(folder)])
 
 
 @dataclass

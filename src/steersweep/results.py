@@ -219,13 +219,14 @@ def scrub(obj):
     return obj
 
 
-def git_commit(cwd: Path | None = None) -> str | None:
+def git_commit(repo: Path) -> str | None:
+    """The commit checked out in `repo` (`-dirty` with uncommitted changes), None if it is not a git work tree."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10, check=True
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True,
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True,
             timeout=10,
         )  # fmt: skip
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
@@ -234,8 +235,8 @@ def git_commit(cwd: Path | None = None) -> str | None:
 
 
 def package_versions(names: Iterable[str] = (
-    "torch", "transformers", "accelerate", "hydra-core", "omegaconf", "submitit", "pandas", "pyarrow",
-    "safetensors", "numpy",
+    "steersweep", "torch", "transformers", "accelerate", "hydra-core", "omegaconf", "submitit", "pandas",
+    "pyarrow", "safetensors", "numpy",
 )) -> dict[str, str]:  # fmt: skip
     from importlib.metadata import PackageNotFoundError, version
 
