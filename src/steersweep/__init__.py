@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .api import Loaded, Report, Sweep, behavior_prob, compose_config, compute_vectors, load, steer
-    from .vectors import VectorSet
+    from .data import DatasetError
+    from .errors import SteersweepError
+    from .generation import PromptError
+    from .hooks import LayerLookupError
+    from .loading import LoadError
+    from .plan import PlanError
+    from .results import ResultsError
+    from .validate import ConfigError
+    from .vectors import VectorError, VectorSet
 
 _LAZY = {
     "Loaded": "api",
@@ -30,10 +38,29 @@ _LAZY = {
     "report": "api",
     "steer": "api",
     "VectorSet": "vectors",
+    # exceptions: every one the package raises on purpose is a SteersweepError
+    "SteersweepError": "errors",
+    "ConfigError": "validate",
+    "DatasetError": "data",
+    "LayerLookupError": "hooks",
+    "LoadError": "loading",
+    "PlanError": "plan",
+    "PromptError": "generation",
+    "ResultsError": "results",
+    "VectorError": "vectors",
 }
 
 __all__ = [
+    "ConfigError",
+    "DatasetError",
+    "LayerLookupError",
+    "LoadError",
     "Loaded",
+    "PlanError",
+    "PromptError",
+    "ResultsError",
+    "SteersweepError",
+    "VectorError",
     "Report",
     "Sweep",
     "VectorSet",

@@ -51,6 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import SteersweepError
+
 log = logging.getLogger(__name__)
 
 SHIPPED = Path(__file__).parent / "datasets"
@@ -85,7 +87,7 @@ PAIR_FORMATS = ("pairs", "caa_ab")
 BEHAVIOR_FORMATS = {"continuation": ("continuation",), "ab": ("ab", "caa_ab")}
 
 
-class DatasetError(ValueError):
+class DatasetError(SteersweepError, ValueError):
     """A dataset file is missing or malformed."""
 
 

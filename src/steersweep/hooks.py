@@ -16,6 +16,8 @@ from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from .errors import SteersweepError
+
 # Module paths of the decoder layer list, tried in order (Llama, Mistral, Qwen, Gemma, Phi, OLMo,
 # Mixtral: model.layers; GPT-2/GPT-J: transformer.h; NeoX: gpt_neox.layers; OPT: decoder.layers;
 # multimodal wrappers: language_model).
@@ -31,7 +33,7 @@ LAYER_PATHS = (
 )
 
 
-class LayerLookupError(ValueError):
+class LayerLookupError(SteersweepError, ValueError):
     """The decoder layer list of a model could not be found."""
 
 

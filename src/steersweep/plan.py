@@ -28,6 +28,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import SteersweepError
 from .fileio import claim
 
 PLAN_FILE = "plan.json"
@@ -43,7 +44,7 @@ NOT_IDENTITY = {
 IDENTITY_GROUPS = ("model", "vectors", "generation", "steering", "prompts", "eval")
 
 
-class PlanError(ValueError):
+class PlanError(SteersweepError, ValueError):
     """The run folder's plan conflicts with this job (another identity, another version)."""
 
 

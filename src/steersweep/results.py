@@ -25,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import SteersweepError
 from .fileio import atomic_write_bytes, clean_stale_tmp
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|access_key
 SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
 
 
-class ResultsError(RuntimeError):
+class ResultsError(SteersweepError, RuntimeError):
     """The results folder cannot be used."""
 
 
