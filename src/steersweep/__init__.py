@@ -3,9 +3,12 @@
 From Python (the CLI's code path; see `steersweep.api`):
 
     import steersweep as ss
-    run = ss.Sweep.from_config(overrides=["steering.layers=[10,14]"])
+    run = ss.Sweep.compose(overrides=["steering.layers=[10,14]"])
     df = run.run()
     ss.report(df).show()
+
+    with ss.steering(model, vectors, layer=14, alpha=4.0):   # your own generate, steered
+        model.generate(...)
 
 The names below are imported on first use, so `import steersweep` stays cheap (no torch).
 Tables and plots are written by `steersweep.reporting`; `steersweep.report(...)` is the API's front door.
@@ -16,7 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .api import Loaded, Report, Sweep, behavior_prob, compose_config, compute_vectors, load, steer
+    from .api import Loaded, Report, Sweep, behavior_prob, compose_config, compute_vectors, load, steer, steering
     from .data import DatasetError
     from .errors import SteersweepError
     from .generation import PromptError
@@ -37,6 +40,7 @@ _LAZY = {
     "load": "api",
     "report": "api",
     "steer": "api",
+    "steering": "api",
     "VectorSet": "vectors",
     # exceptions: every one the package raises on purpose is a SteersweepError
     "SteersweepError": "errors",
@@ -70,6 +74,7 @@ __all__ = [
     "load",
     "report",
     "steer",
+    "steering",
 ]
 
 
