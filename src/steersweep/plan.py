@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shlex
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import SteersweepError
 from .fileio import claim
+from .paths import source_checkout
 
 PLAN_FILE = "plan.json"
 PLAN_FORMAT = "steersweep.plan.v2"  # v2: batches listed (a baseline is one decode)
@@ -386,9 +386,9 @@ def run_dir_arg(folder: Path) -> str:
 
 
 def cli_command() -> str:
-    """The command line as this process was started: `python run_experiment.py` in a checkout, else
-    `steersweep` (the console script; also what a notebook's user types)."""
-    return "python run_experiment.py" if Path(sys.argv[0]).name == "run_experiment.py" else "steersweep"
+    """The command to suggest: `python run_experiment.py` from a source checkout (its documented
+    entry, run from the checkout's root), else `steersweep` (the console script an install gives)."""
+    return "python run_experiment.py" if source_checkout() is not None else "steersweep"
 
 
 def finish_command(command: list[str], folder: Path) -> str:
