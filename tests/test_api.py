@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
+from conftest import readme_block
 
 import steersweep as ss
 from steersweep import api
@@ -36,14 +36,6 @@ from steersweep.vectors import VectorError, VectorSet, compute_caa
 ROOT = Path(__file__).resolve().parents[1]
 # the README's sweeps cut below experiment=quick size (2 prompts, 8 tokens, 8 behaviour items)
 QUICK = ["prompts.limit=2", "generation.max_new_tokens=8", "eval.behavior_limit=8", "progress=false"]
-
-
-def readme_block(name: str) -> str:
-    """The fenced python block after `<!-- readme-example: NAME ... -->` in README.md."""
-    text = (ROOT / "README.md").read_text()
-    m = re.search(r"<!-- readme-example: " + re.escape(name) + r"(?:\s[^>]*)?-->\s*```python\n(.*?)```", text, re.S)
-    assert m, f"README.md has no block marked readme-example: {name}"
-    return m.group(1)
 
 
 def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
