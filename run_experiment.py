@@ -1,4 +1,5 @@
-"""Entry point: compose the Hydra config, validate it, run the task, say what went wrong in one line.
+"""Entry point in a checkout: `python run_experiment.py ARGS` is `steersweep ARGS` (the console
+script an install gives) and `python -m steersweep ARGS`; see steersweep/__main__.py.
 
 python run_experiment.py                                   # default sweep, embedded model
 python run_experiment.py model=llama70b                    # 90% of each GPU + CPU spill
@@ -12,39 +13,7 @@ A run's log goes to <run folder>/logs/ (steersweep.runlog); Hydra itself writes 
 for a plain run (a -m sweep keeps results/.hydra/multirun/, where its launcher logs live).
 """
 
-from __future__ import annotations
-
-import logging
-import sys
-from pathlib import Path
-
-import hydra
-from omegaconf import DictConfig
-
-from steersweep.app import USER_ERRORS, run
-from steersweep.cli import precheck
-from steersweep.config import register_configs
-from steersweep.runlog import RunLog
-
-log = logging.getLogger("steersweep")
-register_configs()
-CONF = Path(__file__).resolve().parent / "conf"
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    with RunLog(cfg) as keep:
-        try:
-            run(cfg)
-        except USER_ERRORS as e:
-            keep.write(f"error: {e}")  # the run's log only: the console gets it once, below
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        finally:
-            if keep.path is not None:
-                log.info("log: %s", keep.path)
-
+from steersweep.__main__ import main
 
 if __name__ == "__main__":
-    precheck(sys.argv[1:], CONF)  # one `error:` line for a bad command line or sweep, before Hydra runs
     main()

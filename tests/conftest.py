@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def readme_block(name: str) -> str:
+    """The fenced python block after `<!-- readme-example: NAME ... -->` in README.md."""
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"<!-- readme-example: " + re.escape(name) + r"(?:\s[^>]*)?-->\s*```python\n(.*?)```", text, re.S)
+    assert m, f"README.md has no block marked readme-example: {name}"
+    return m.group(1)
 
 
 def tiny_llama(layers: int = 4, hidden: int = 32, vocab: int = 49152, seed: int = 0, dtype=torch.float32):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
+from conftest import readme_block
 
 import steersweep as ss
 from steersweep import api
@@ -27,6 +27,7 @@ from steersweep.config import GenerationConfig
 from steersweep.data import load_behavior_items, load_pairs, load_prompts
 from steersweep.encoding import encode_prompts
 from steersweep.generation import generate_rows
+from steersweep.hooks import get_layers
 from steersweep.plan import folder_for, identity, identity_hash
 from steersweep.results import table_from_rows
 from steersweep.validate import ConfigError
@@ -35,14 +36,6 @@ from steersweep.vectors import VectorError, VectorSet, compute_caa
 ROOT = Path(__file__).resolve().parents[1]
 # the README's sweeps cut below experiment=quick size (2 prompts, 8 tokens, 8 behaviour items)
 QUICK = ["prompts.limit=2", "generation.max_new_tokens=8", "eval.behavior_limit=8", "progress=false"]
-
-
-def readme_block(name: str) -> str:
-    """The fenced python block after `<!-- readme-example: NAME ... -->` in README.md."""
-    text = (ROOT / "README.md").read_text()
-    m = re.search(r"<!-- readme-example: " + re.escape(name) + r"(?:\s[^>]*)?-->\s*```python\n(.*?)```", text, re.S)
-    assert m, f"README.md has no block marked readme-example: {name}"
-    return m.group(1)
 
 
 def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -63,47 +56,58 @@ def test_import_is_cheap():
 
 def test_public_names_are_documented():
     assert ss.report is api.report  # the front door; tables and plots live in steersweep.reporting
-    assert {"Sweep", "load", "steer", "report", "compute_vectors", "behavior_prob"} <= set(dir(ss))
-    for name in ("Sweep", "load", "steer", "compute_vectors", "behavior_prob", "report", "compose_config"):
+    assert {"Sweep", "load", "steer", "steering", "report", "compute_vectors", "behavior_prob"} <= set(dir(ss))
+    for name in ("Sweep", "load", "steer", "steering", "compute_vectors", "behavior_prob", "report", "compose_config"):
         fn = getattr(api, name)
-        assert fn.__doc__ and "Args" in (fn.from_config.__doc__ if name == "Sweep" else fn.__doc__), name
+        assert fn.__doc__ and "Args" in (fn.compose.__doc__ if name == "Sweep" else fn.__doc__), name
+    assert "alias" in ss.Sweep.from_config.__doc__
+
+
+def test_every_user_error_is_a_steersweep_error_exported_at_the_top():
+    assert all(issubclass(e, ss.SteersweepError) for e in USER_ERRORS)
+    assert {e.__name__ for e in USER_ERRORS} <= set(ss.__all__)
+    assert all(getattr(ss, e.__name__) is e for e in USER_ERRORS)
+    with pytest.raises(ss.SteersweepError, match="steering.alpah"):
+        ss.Sweep.compose(overrides=["steering.alpah=[1]"])
 
 
 @pytest.mark.parametrize(
     "override",
     ["steering.alpah=[1]", "steering.layers=[99]", "experiment=nope", "steering.samples=3"],
 )
-def test_from_config_errors_are_the_cli_lines(override, tmp_path):
+def test_compose_errors_are_the_cli_lines(override, tmp_path):
     with pytest.raises(USER_ERRORS) as e:
-        ss.Sweep.from_config(overrides=[override])
+        ss.Sweep.compose(overrides=[override])
     r = cli(override, f"hydra.run.dir={tmp_path}")
     assert r.returncode == 2
     assert f"error: {e.value}" in r.stderr.splitlines()
     assert "\n" not in str(e.value)
 
 
-def test_from_config_is_the_cli_config(tmp_path):
-    run = ss.Sweep.from_config(model="smollm2_135m", experiment="quick", overrides=["steering.alphas=[0,3]"])
+def test_compose_is_the_cli_config(tmp_path):
+    run = ss.Sweep.compose(model="smollm2_135m", experiment="quick", overrides=["steering.alphas=[0,3]"])
     want = api.compose_config(["model=smollm2_135m", "experiment=quick", "steering.alphas=[0,3]"])
     assert run.cfg == want
+    assert ss.Sweep.from_config("smollm2_135m", ["steering.alphas=[0,3]"], "quick").cfg == want  # the alias
+    assert ss.Sweep(want).cfg == want  # a composed config goes to the constructor
     assert list(run.cfg.steering.layers) == [10, 14] and list(run.cfg.steering.alphas) == [0.0, 3.0]
     assert run.run_dir == folder_for(want, identity_hash(identity(want)))  # results/<model-concept>-<hash>
     assert not run.run_dir.exists()  # nothing is claimed before run()
-    here = ss.Sweep.from_config(experiment="quick", run_dir=tmp_path / "r un")
+    here = ss.Sweep.compose(experiment="quick", run_dir=tmp_path / "r un")
     assert here.run_dir == tmp_path / "r un" and repr(here).startswith("Sweep(model=smollm2_135m, layers=[10, 14]")
 
 
-def test_from_config_refuses_other_tasks_and_wrong_models(tiny, tokenizer):
+def test_compose_refuses_other_tasks_and_wrong_models(tiny, tokenizer):
     with pytest.raises(ConfigError, match="a Sweep runs task=run"):
-        ss.Sweep.from_config(overrides=["task=report"])
+        ss.Sweep.compose(overrides=["task=report"])
     with pytest.raises(ConfigError, match="hidden_size=32 but model=smollm2_135m has 576"):
-        ss.Sweep.from_config(loaded=(tiny, tokenizer))
+        ss.Sweep.compose(loaded=(tiny, tokenizer))
     like = SimpleNamespace(config=SimpleNamespace(hidden_size=576, num_hidden_layers=30, vocab_size=49152))
     other = api.compose_config(["model.dtype=float16"]).model
     with pytest.raises(ConfigError, match="model.dtype=float16 \\(loaded\\)"):
-        ss.Sweep.from_config(loaded=api.Loaded(like, tokenizer, {}, other))
+        ss.Sweep.compose(loaded=api.Loaded(like, tokenizer, {}, other))
     with pytest.raises(ConfigError, match="loaded= takes"):
-        ss.Sweep.from_config(loaded=tiny)
+        ss.Sweep.compose(loaded=tiny)
 
 
 def test_override_values_are_quoted():
@@ -209,6 +213,65 @@ def test_steer_is_generate_rows_with_per_row_settings(tiny, tokenizer):
         ss.steer(tiny, tokenizer, PROMPTS, [1, 2], 1.0, v, 6)
 
 
+def own_generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """A notebook's own `generate` call on the prompts `steer` encodes (chat template, left padding)."""
+    from steersweep.generation import left_pad
+
+    pad = tokenizer.pad_token_id
+    ids, mask = left_pad(encode_prompts(tokenizer, prompts, GenerationConfig(max_new_tokens=6)), pad)
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+    )
+    return tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+
+
+def hooks_left(model) -> int:
+    return sum(len(layer._forward_hooks) for layer in get_layers(model))
+
+
+def test_steering_steers_a_models_own_generate_as_steer_does(tiny, tokenizer):
+    v = {1: torch.randn(32) * 4, 2: torch.randn(32) * 4}
+    plain = own_generate(tiny, tokenizer, PROMPTS, 6)
+    with ss.steering(tiny, v, layer=2, alpha=3.0):  # one setting: every row of the batch
+        one = own_generate(tiny, tokenizer, PROMPTS, 6)
+    assert one == ss.steer(tiny, tokenizer, PROMPTS, 2, 3.0, v, 6) and one != plain
+    assert hooks_left(tiny) == 0 and own_generate(tiny, tokenizer, PROMPTS, 6) == plain
+    layers, alphas = [1, 2, 1], [3.0, -2.0, 0.0]
+    with ss.steering(tiny, v, layer=layers, alpha=alphas):  # per-row settings, as in a sweep's batch
+        rows = own_generate(tiny, tokenizer, PROMPTS, 6)
+    assert rows == ss.steer(tiny, tokenizer, PROMPTS, layers, alphas, v, 6) and rows[2] == plain[2]
+    with ss.steering(tiny, v, layer=1, alpha=[2.0, 0.0, -1.0], mode="ablate_add"):  # one list sets the rows
+        modes = own_generate(tiny, tokenizer, PROMPTS, 6)
+    assert modes == ss.steer(tiny, tokenizer, PROMPTS, 1, [2.0, 0.0, -1.0], v, 6, mode="ablate_add")
+    with ss.steering(tiny, v[1], layer=1, alpha=2.0, positions="generated"):  # one generate per block
+        late = own_generate(tiny, tokenizer, PROMPTS, 6)
+    assert late == ss.steer(tiny, tokenizer, PROMPTS, 1, 2.0, v[1], 6, positions="generated")
+    assert hooks_left(tiny) == 0
+
+
+def test_steering_removes_its_hooks_and_refuses_what_it_cannot_do(tiny, tokenizer):
+    v = {1: torch.randn(32)}
+    with pytest.raises(KeyboardInterrupt):
+        with ss.steering(tiny, v, layer=1, alpha=2.0):
+            assert hooks_left(tiny) == 1
+            raise KeyboardInterrupt
+    assert hooks_left(tiny) == 0
+    with pytest.raises(RuntimeError, match="batch of 3 rows but was built for 2"):
+        with ss.steering(tiny, v, layer=[1, 1], alpha=[1.0, 2.0]):  # two settings, three rows
+            own_generate(tiny, tokenizer, PROMPTS, 2)
+    assert hooks_left(tiny) == 0
+    with pytest.raises(ss.ConfigError, match="layer has 2 values and alpha 3: give one value, or one per batch row"):
+        with ss.steering(tiny, v, layer=[1, 1], alpha=[1.0, 2.0, 3.0]):
+            pass
+    with pytest.raises(ss.VectorError, match="no vector for layer 2"):
+        with ss.steering(tiny, v, layer=2, alpha=1.0):
+            pass
+    with pytest.raises(ss.ConfigError, match="use steersweep.steer"):
+        with ss.steering(tiny, v, layer=1, alpha=1.0, positions="from:2"):
+            pass
+    assert hooks_left(tiny) == 0
+
+
 def test_steer_backs_off_on_out_of_memory(tiny, tokenizer, monkeypatch):
     """A batch that does not fit is halved and retried: same completions, in order, none lost."""
     import steersweep.generation as G
@@ -245,12 +308,13 @@ def test_behavior_prob_is_the_metric(tiny, tokenizer):
 
 
 class Recorder:
-    """Patches Sweep.from_config to cut the grid to quick size and aim it at a test folder."""
+    """Patches Sweep.compose (and so its alias from_config) to cut the grid to quick size and aim it at
+    a test folder."""
 
     def __init__(self, mp: pytest.MonkeyPatch, run_dirs):
         self.calls: list[inspect.BoundArguments] = []
         self.run_dirs = iter(run_dirs)
-        orig = ss.Sweep.from_config.__func__
+        orig = ss.Sweep.compose.__func__
         sig = inspect.signature(orig)
 
         def patched(cls, *args, **kwargs):
@@ -261,7 +325,7 @@ class Recorder:
             b.arguments["run_dir"] = next(self.run_dirs)
             return orig(*b.args, **b.kwargs)
 
-        mp.setattr(ss.Sweep, "from_config", classmethod(patched))
+        mp.setattr(ss.Sweep, "compose", classmethod(patched))
 
     @staticmethod
     def cli_args(b: inspect.BoundArguments) -> list[str]:
@@ -365,7 +429,7 @@ def test_a_sweep_starts_inside_a_hydra_app(tiny, embedded_dir, tmp_path):
         "@hydra.main(version_base='1.3', config_path=None, config_name=None)\n"
         "def main(cfg):\n"
         "    mine = GlobalHydra.instance().hydra\n"
-        f"    run = ss.Sweep.from_config(overrides=['model.path={model_dir}', 'model.num_hidden_layers=4',\n"
+        f"    run = ss.Sweep.compose(overrides=['model.path={model_dir}', 'model.num_hidden_layers=4',\n"
         "        'prompts.limit=2', 'steering.layers=[1]', 'steering.alphas=[0,2]', 'generation.max_new_tokens=4',\n"
         f"        'eval.metrics=[]', 'report.enabled=false', 'progress=false'], run_dir={str(tmp_path / 'run')!r})\n"
         "    print('rows', len(run.run()), GlobalHydra.instance().hydra is mine)\n\n"

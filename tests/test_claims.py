@@ -41,12 +41,14 @@ def test_exactly_one_of_many_concurrent_claims_wins(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_default_folders_differ_by_config_and_are_readable():
+def test_default_folders_differ_by_config_and_are_readable(tmp_path, monkeypatch):
     a, b, c = make(), make("generation.max_new_tokens=5"), make("generation.batch_size=3")
     ha, hb, hc = (identity_hash(identity(x)) for x in (a, b, c))
     assert ha != hb and ha == hc  # batching never changes a row, decoding does
     fa = folder_for(a, ha)
-    assert fa.name == f"smollm2_135m-sentiment-{ha}" and fa.parent.name == "results"
+    assert fa.name == f"smollm2_135m-sentiment-{ha}" and fa.parent == Path.cwd() / "results"
+    monkeypatch.chdir(tmp_path)  # ./results of the folder the command runs in, wherever the package is
+    assert folder_for(a, ha) == tmp_path / "results" / fa.name
     assert folder_for(make("run_name=mine"), ha).name == f"mine-{ha}"
     assert folder_for(make("run_dir=/x/y"), ha) == Path("/x/y")
     # the identity hash is part of every cell id: two configs never share a cell id

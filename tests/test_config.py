@@ -121,3 +121,31 @@ def test_task_plan_says_which_grid_it_took_and_why():
     assert "alphas [-4, -2, -1, 0, 1, 2, 4] (model llama70b's recommended_alphas" in out
     out = plan("model=llama70b", "steering.layers=[30]")
     assert "layers [30] (steering.layers)" in out and "1 layers x 7 alphas" in out
+
+
+def test_the_configs_ship_in_the_package_and_conf_links_there():
+    from steersweep.paths import CONF_DIR
+
+    assert CONF.is_symlink() and CONF.resolve() == CONF_DIR and (CONF_DIR / "config.yaml").is_file()
+
+
+def test_a_users_config_dir_is_searched_and_checked_in_one_line(tmp_path):
+    """`--config-dir DIR`: the user's experiment beside the shipped ones, and its mistakes as one line."""
+    import subprocess
+    import sys
+
+    mine = tmp_path / "it's my conf"
+    (mine / "experiment").mkdir(parents=True)
+    (mine / "experiment" / "mine.yaml").write_text("# @package _global_\nsteering:\n  layers: [3, 7]\n")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, str(CONF.parent / "run_experiment.py"), "--config-dir", str(mine),
+                               *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+
+    ok = cli("experiment=mine", "task=plan")
+    assert ok.returncode == 0 and "layers [3, 7] (steering.layers)" in ok.stdout, ok.stderr[-2000:]
+    bad = cli("experiment=nope")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: In 'config': Could not find 'experiment/nope'; available: mine, phase1_large, phase1_small, quick"
+    ]
+    assert list(tmp_path.iterdir()) == [mine]  # nothing written where it ran

@@ -1,32 +1,37 @@
-"""Python API for notebooks and scripts, on the same code path as `run_experiment.py`.
+"""Python API for notebooks and scripts, on the same code path as the CLI (`steersweep`).
 
     import steersweep as ss
-    run = ss.Sweep.from_config(overrides=["steering.layers=[10,14]", "steering.alphas=[0,2]"])
+    run = ss.Sweep.compose(overrides=["steering.layers=[10,14]", "steering.alphas=[0,2]"])
     df = run.run()                  # the rows the CLI writes, read back from the run folder
     ss.report(df).show()            # or .save("report/")
 
-A `Sweep` composes the real Hydra config (conf/, same schema and validation as the CLI) and runs
-`app.run` / `sweep.run_sweep`: same run folder, plan, resume and Parquet table. User errors raise
-the package's exceptions (`steersweep.app.USER_ERRORS`) with the CLI's one-line messages.
+A `Sweep` composes the real Hydra config (the package's conf/, same schema and validation as the
+CLI) and runs `app.run` / `sweep.run_sweep`: same run folder, plan, resume and Parquet table. User
+errors raise the package's exceptions (`steersweep.SteersweepError` subclasses, the CLI's
+`steersweep.app.USER_ERRORS`) with the CLI's one-line messages.
 
 Lower level, reusing one loaded model: `load`, `compute_vectors`, `steer`, `behavior_prob` (thin
-wrappers over vectors.compute_caa, generation.generate_rows and metrics.behavior_probs). A model
-from `load` can also serve several sweeps: `Sweep.from_config(..., loaded=ss.load())`.
+wrappers over vectors.compute_caa, generation.generate_rows and metrics.behavior_probs), and
+`steering`, a context manager that steers the model's own `generate` or forward with the same hook.
+A model from `load` can also serve several sweeps: `Sweep.compose(..., loaded=ss.load())`.
 
 Nothing heavy (torch, transformers, pandas) is imported until a function needs it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .paths import CONF_DIR
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -38,22 +43,26 @@ if TYPE_CHECKING:
 
     Vectors = VectorSet | Mapping[int, torch.Tensor] | torch.Tensor
 
-__all__ = ["Loaded", "Report", "Sweep", "behavior_prob", "compose_config", "compute_vectors", "load", "report", "steer"]
+__all__ = [
+    "Loaded",
+    "Report",
+    "Sweep",
+    "behavior_prob",
+    "compose_config",
+    "compute_vectors",
+    "load",
+    "report",
+    "steer",
+    "steering",
+]
 
 
 # ---------------------------------------------------------------------------------------------
 # Config
 
 
-def conf_dir() -> Path:
-    """The Hydra config folder the CLI composes from (`conf/` at the project root)."""
-    from .plan import PROJECT_ROOT
-
-    return PROJECT_ROOT / "conf"
-
-
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose `conf/config.yaml` with command-line style overrides, as `run_experiment.py` does.
+    """Compose the shipped `conf/config.yaml` with command-line style overrides, as the CLI does.
 
     Args:
         overrides: e.g. `["model=llama8b", "steering.layers=[10,14]"]`.
@@ -80,10 +89,10 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     outer = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose(config_name="config", overrides=[str(o) for o in overrides])
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(compose_error(e, [str(o) for o in overrides], conf_dir())) from None
+        raise ConfigError(compose_error(e, [str(o) for o in overrides], CONF_DIR)) from None
     finally:
         if outer is not None:
             GlobalHydra.instance().clear()
@@ -142,7 +151,7 @@ def load(model: str | None = None, overrides: Sequence[str] = (), **memory: Any)
 
     Returns:
         `Loaded(model, tokenizer)`: unpack it (`model, tok = ss.load()`) or pass it whole to
-        `Sweep.from_config(loaded=...)`. The tokenizer pads on the left.
+        `Sweep.compose(loaded=...)`. The tokenizer pads on the left.
     """
     from .app import set_threads
     from .loading import load_model
@@ -216,7 +225,7 @@ class Sweep:
     """
 
     def __init__(self, cfg: DictConfig, loaded: Sequence | None = None):
-        """Validate `cfg` (as the CLI does before loading) and keep it; see `from_config`."""
+        """Validate `cfg` (as the CLI does before loading) and keep it; see `compose`."""
         from .validate import ConfigError, validate_offline
 
         if cfg.task != "run":
@@ -238,22 +247,25 @@ class Sweep:
         )
 
     @classmethod
-    def from_config(
+    def compose(
         cls,
         model: str | None = None,
         overrides: Sequence[str] = (),
+        *,
         experiment: str | None = None,
         run_dir: str | os.PathLike | None = None,
         loaded: Sequence | None = None,
     ) -> Sweep:
-        """Compose the CLI's config: `Sweep.from_config(model=M, experiment=E, overrides=[...])`
-        is `python run_experiment.py model=M experiment=E ...`.
+        """Compose the CLI's config: `Sweep.compose(model=M, experiment=E, overrides=[...])` is
+        `steersweep model=M experiment=E ...` (`python run_experiment.py ...` in a checkout).
+        A config composed elsewhere goes to the constructor: `Sweep(cfg)`.
 
         Args:
             model: a config of conf/model/ (default: the embedded smollm2_135m).
             overrides: command-line overrides, e.g. `["steering.layers=[10,14]", "eval=none"]`.
             experiment: a preset of conf/experiment/ (e.g. "quick").
-            run_dir: the exact run folder; default `results/<run_name or model-concept>-<hash>`.
+            run_dir: the exact run folder; default `./results/<run_name or model-concept>-<hash>`
+                under the working directory (`results_root`).
             loaded: reuse this model (from `steersweep.load`) instead of loading it in `run()`;
                 it must be the checkpoint, dtype and quantization the config names.
 
@@ -266,6 +278,19 @@ class Sweep:
         if run_dir is not None:
             cfg.run_dir = str(Path(run_dir).expanduser().absolute())
         return cls(cfg, loaded)
+
+    @classmethod
+    def from_config(
+        cls,
+        model: str | None = None,
+        overrides: Sequence[str] = (),
+        experiment: str | None = None,
+        run_dir: str | os.PathLike | None = None,
+        loaded: Sequence | None = None,
+    ) -> Sweep:
+        """The former name of `compose`, kept as an alias for existing code: it composes a config
+        (it does not take one; `Sweep(cfg)` does). Same arguments, same result."""
+        return cls.compose(model, overrides, experiment=experiment, run_dir=run_dir, loaded=loaded)
 
     @property
     def run_dir(self) -> Path:
@@ -669,6 +694,63 @@ def steer(
         run, list(range(len(rows))), max(1, batch_size), lambda c, o, s: out.extend(x.text for x in o)
     )
     return out
+
+
+@contextlib.contextmanager
+def steering(
+    model: Any,
+    vectors: Vectors,
+    *,
+    layer: int | Sequence[int],
+    alpha: float | Sequence[float],
+    mode: str = "add",
+    positions: str = "all",
+    layers_path: str | None = None,
+) -> Iterator[None]:
+    """Steer the model's own forward passes while the block runs, with the sweep's hook
+    (`hooks.row_deltas` + `hooks.steer`): `model.generate`, a forward, anything that runs the layers.
+
+        with ss.steering(model, vs, layer=14, alpha=4.0):           # every row of any batch
+            out = model.generate(**tok(prompts, return_tensors="pt", padding=True), max_new_tokens=32)
+        with ss.steering(model, vs, layer=[10, 14], alpha=[0, 2]):  # row b of a 2-row batch: its own
+            logits = model(**batch).logits
+
+    The hooks are removed when the block ends, also when it raises.
+
+    Args:
+        model: a loaded model (`load`, or any transformers causal LM).
+        vectors: a `VectorSet` (`compute_vectors`), `{layer: tensor}`, or one tensor used at any layer.
+        layer, alpha: one for every row (a batch of any size), or one per batch row (the batch
+            must then have that many rows); alpha 0 is the unsteered model.
+        mode: add | ablate | ablate_add | norm_preserving (as `steering.mode`).
+        positions: all | prompt | generated (as `steering.positions`). With prompt or generated the
+            block's first forward is taken as the prompt: one `generate` call per block. For from:K,
+            which needs each row's prompt length, use `steer`.
+        layers_path: dotted path to the decoder layers if auto-detection fails.
+
+    Raises:
+        ConfigError, VectorError: a layer out of range, a missing vector, lists of other lengths.
+    """
+    from .hooks import row_deltas
+    from .hooks import steer as hooked
+    from .validate import ConfigError
+
+    _check_steering(positions, mode)
+    if positions.startswith("from:"):
+        raise ConfigError(f"positions={positions} needs each row's prompt length: use steersweep.steer for it")
+    per_row = [len(x) for x in (layer, alpha) if not isinstance(x, (int, float))]
+    if len(set(per_row)) > 1:
+        raise ConfigError(
+            f"layer has {per_row[0]} values and alpha {per_row[1]}: give one value, or one per batch row, each"
+        )
+    if per_row:
+        rows = [(*r, mode) for r in _settings(model, max(per_row), layer, alpha, vectors, layers_path)]
+        deltas = row_deltas(rows, positions)
+    else:
+        rows = [(*r, mode) for r in _settings(model, 1, layer, alpha, vectors, layers_path)]
+        deltas = row_deltas(rows, positions, every_row=True)
+    with hooked(model, deltas, layers_path):
+        yield
 
 
 def behavior_prob(

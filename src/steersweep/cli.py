@@ -14,6 +14,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
+CONFIG_DIR_FLAGS = ("--config-dir", "-cd")  # a user's own config folder, searched before the package's
 
 
 def _list_hint(cause: Exception) -> str | None:
@@ -172,8 +173,30 @@ def _check_job(cfg) -> tuple[str | None, str | None]:
     return str(folder), h
 
 
+def _split_config_dir(argv: list[str]) -> tuple[list[str], Path | None]:
+    """argv without `--config-dir DIR` (`-cd DIR`, `--config-dir=DIR`), and DIR."""
+    rest, found = [], None
+    args = iter(argv)
+    for a in args:
+        if a in CONFIG_DIR_FLAGS:
+            found = next(args, None)
+        elif a.startswith("--config-dir="):
+            found = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    return rest, Path(found).expanduser().absolute() if found else None
+
+
 def precheck(argv: list[str], conf_dir: Path) -> None:
-    """Exit 2 with one `error:` line if the command line cannot run; return otherwise."""
+    """Exit 2 with one `error:` line if the command line cannot run; return otherwise.
+
+    With `--config-dir DIR` the configs are composed as Hydra will: DIR searched after `conf_dir`
+    (Hydra puts the command line's folder just after the primary one).
+    """
+    argv, user_dir = _split_config_dir(argv)
+    if user_dir is not None and not user_dir.is_dir():
+        _die(f"--config-dir {user_dir} is not a folder: give the folder that holds your experiment/, model/... files")
+    searched = [f"hydra.searchpath=['file://{_quoted(user_dir)}']"] if user_dir is not None else []
     multirun = any(a in MULTIRUN_FLAGS for a in argv)
     flags = [a for a in argv if a.startswith("-") and a not in MULTIRUN_FLAGS]
     if flags:  # --cfg, --help, --info...: Hydra's own handling
@@ -195,7 +218,7 @@ def precheck(argv: list[str], conf_dir: Path) -> None:
         own = [a for a in job if not a.lstrip("+~").startswith("hydra")]  # launcher keys: Hydra's
         try:
             with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-                cfg = compose(config_name="config", overrides=own)
+                cfg = compose(config_name="config", overrides=[*own, *searched])
         except (HydraException, OmegaConfBaseException) as e:
             if multirun and e.__cause__ is not None:
                 hint = _comma_list_hint(e.__cause__, overrides)
@@ -216,6 +239,11 @@ def precheck(argv: list[str], conf_dir: Path) -> None:
                 f"{folder}: drop run_dir (each config gets a folder of its own) or put ${{hydra:job.num}} in it"
             )
         seen.setdefault(folder, (n, h))
+
+
+def _quoted(path: Path) -> str:
+    """A path inside a single-quoted Hydra override value."""
+    return str(path).replace("\\", "\\\\").replace("'", "\\'")
 
 
 def _die(msg: str) -> None:

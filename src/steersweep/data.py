@@ -51,6 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import SteersweepError
+
 log = logging.getLogger(__name__)
 
 SHIPPED = Path(__file__).parent / "datasets"
@@ -101,7 +103,7 @@ def behavior_form(fmt: str) -> str:
     return next(form for form, fmts in BEHAVIOR_FORMATS.items() if fmt in fmts)
 
 
-class DatasetError(ValueError):
+class DatasetError(SteersweepError, ValueError):
     """A dataset file is missing or malformed."""
 
 

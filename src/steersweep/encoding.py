@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .errors import SteersweepError
+
 if TYPE_CHECKING:
     from .config import GenerationConfig
 
@@ -36,7 +38,7 @@ Messages = Sequence[Mapping[str, str]]
 Source = str | Messages
 
 
-class EncodingError(ValueError):
+class EncodingError(SteersweepError, ValueError):
     """A text, template or answer cannot be encoded as asked."""
 
 

@@ -23,12 +23,13 @@ from transformers import (
 
 from .config import GenerationConfig
 from .encoding import encode_prompts  # noqa: F401 (moved to encoding; re-exported for callers)
+from .errors import SteersweepError
 from .hooks import contiguous_head, get_layers, row_deltas, row_key, shared_trunk, steer
 
 log = logging.getLogger(__name__)
 
 
-class PromptError(ValueError):
+class PromptError(SteersweepError, ValueError):
     """A prompt cannot be used as configured."""
 
 

@@ -16,6 +16,8 @@ from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from .errors import SteersweepError
+
 # Module paths of the decoder layer list, tried in order (Llama, Mistral, Qwen, Gemma, Phi, OLMo,
 # Mixtral: model.layers; GPT-2/GPT-J: transformer.h; NeoX: gpt_neox.layers; OPT: decoder.layers;
 # multimodal wrappers: language_model).
@@ -31,7 +33,7 @@ LAYER_PATHS = (
 )
 
 
-class LayerLookupError(ValueError):
+class LayerLookupError(SteersweepError, ValueError):
     """The decoder layer list of a model could not be found."""
 
 
@@ -127,6 +129,8 @@ class RowDelta:
         units: per-row unit direction projected out (zero rows: no ablation); None = no row ablates.
         renorm: per-row flag: rescale the steered state to the norm it had before (norm_preserving).
         lengths: per-row prompt length in tokens (needed by `from:K` only).
+        every_row: the tensors hold one row that steers every row of a batch of any size (the public
+            `steersweep.steering` with one layer and alpha); otherwise the batch must have their rows.
     """
 
     def __init__(
@@ -136,6 +140,7 @@ class RowDelta:
         units: torch.Tensor | None = None,
         renorm: torch.Tensor | None = None,
         lengths: Sequence[int] | torch.Tensor | None = None,
+        every_row: bool = False,
     ):
         self.kind, self.k = parse_positions(positions)
         if self.kind == "from" and lengths is None:
@@ -147,6 +152,9 @@ class RowDelta:
         self.lengths = None if lengths is None else torch.as_tensor(lengths, dtype=torch.long)
         self.adds = bool(self.delta.any())
         self.rows = int(delta.shape[0])
+        self.every_row = every_row
+        if every_row and (self.rows != 1 or self.kind == "from"):
+            raise ValueError("every_row takes one row, and positions from:K need each row's length")
         self._cache: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
         self.calls = 0
         self.decoded = 0  # positions seen after the prefill (from:K counts on from the prompt's end)
@@ -199,6 +207,8 @@ class RowDelta:
 
         The decode loop drops finished rows from the batch; every per-row state follows.
         """
+        if self.every_row:  # one row for all: nothing to drop
+            return
         cpu = rows.cpu()
         self.delta = self.delta[cpu]
         self.units = None if self.units is None else self.units[cpu]
@@ -251,7 +261,7 @@ class RowDelta:
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         rows = self.rows if self.view is None else len(self.view)
-        if h.shape[0] != rows:
+        if h.shape[0] != rows and not self.every_row:
             raise RuntimeError(f"steering hook got a batch of {h.shape[0]} rows but was built for {rows}")
         m = self.mask(h)
         if m is None:
@@ -281,7 +291,7 @@ def _steer_hook(rd: RowDelta):
 
 
 def row_deltas(
-    rows: Sequence[tuple], positions: str = "all", lengths: Sequence[int] | None = None
+    rows: Sequence[tuple], positions: str = "all", lengths: Sequence[int] | None = None, *, every_row: bool = False
 ) -> dict[int, RowDelta]:
     """Group batch rows by layer: row b = (layer, alpha, vector[, mode]), or a list of such parts on
     several layers -> {layer: RowDelta([B, H])}.
@@ -293,6 +303,7 @@ def row_deltas(
         rows: per batch row (layer, alpha, vector) or (layer, alpha, vector, mode); see `MODES`.
         positions: see `parse_positions`.
         lengths: per-row prompt lengths (for positions from:K).
+        every_row: `rows` is one row, applied to every row of whatever batch comes (see `RowDelta`).
     """
     every = [(b, part) for b, row in enumerate(rows) for part in row_parts(row)]
     if not every:
@@ -315,7 +326,9 @@ def row_deltas(
         if mode == "norm_preserving":
             p.setdefault("renorm", torch.zeros(n, dtype=torch.bool))[b] = True
     return {
-        layer: RowDelta(p.get("delta", torch.zeros(n, width)), positions, p.get("units"), p.get("renorm"), lengths)
+        layer: RowDelta(
+            p.get("delta", torch.zeros(n, width)), positions, p.get("units"), p.get("renorm"), lengths, every_row
+        )
         for layer, p in parts.items()
     }
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import MemoryConfig, ModelConfig
+from .errors import SteersweepError
 from .faults import fault_point
 from .hooks import contiguous_head
 from .memory import device_key, module_names, placed_on
@@ -88,7 +89,7 @@ _UNITS = {
 }  # fmt: skip
 
 
-class LoadError(RuntimeError):
+class LoadError(SteersweepError, RuntimeError):
     """The model cannot be planned or loaded as configured."""
 
 

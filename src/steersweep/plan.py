@@ -27,9 +27,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import SteersweepError
 from .fileio import claim
+from .paths import source_checkout
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PLAN_FILE = "plan.json"
 PLAN_FORMAT = "steersweep.plan.v2"  # v2: batches listed (a baseline is one decode)
 DEFAULT_BATCH = 64  # rows per planned batch when generation.batch_size=0
@@ -43,7 +44,7 @@ NOT_IDENTITY = {
 IDENTITY_GROUPS = ("model", "vectors", "generation", "steering", "prompts", "eval")
 
 
-class PlanError(ValueError):
+class PlanError(SteersweepError, ValueError):
     """The run folder's plan conflicts with this job (another identity, another version)."""
 
 
@@ -362,12 +363,13 @@ def worker_name(shard: tuple[int, int], rank: int = 0, world: int = 1) -> str:
 
 def folder_for(cfg: DictConfig, ident_hash: str) -> Path:
     """`run_dir` as given, else `<results_root>/<run_name or model-concept>-<identity hash>`:
-    readable, and two configs never share a default folder."""
+    readable, and two configs never share a default folder. A relative `results_root` is under the
+    working directory (`./results` where the command runs), as Hydra's sweep folder is."""
     if cfg.run_dir:
         return Path(cfg.run_dir).expanduser()
     name = cfg.run_name or f"{cfg.model.name}-{'+'.join(c for c, _ in concepts(cfg))}"
     root = Path(cfg.results_root).expanduser()
-    return (root if root.is_absolute() else PROJECT_ROOT / root) / f"{name}-{ident_hash}"
+    return root.absolute() / f"{name}-{ident_hash}"
 
 
 def launch_command() -> list[str]:
@@ -387,9 +389,15 @@ def run_dir_arg(folder: Path) -> str:
     return shlex.quote(f"run_dir={path}")
 
 
+def cli_command() -> str:
+    """The command to suggest: `python run_experiment.py` from a source checkout (its documented
+    entry, run from the checkout's root), else `steersweep` (the console script an install gives)."""
+    return "python run_experiment.py" if source_checkout() is not None else "steersweep"
+
+
 def finish_command(command: list[str], folder: Path) -> str:
     keep = [a for a in command if a.split("=")[0].lstrip("+~") not in ("shard_index", "shard_count", "run_dir", "task")]
-    return " ".join(["python run_experiment.py", *map(shlex.quote, keep), run_dir_arg(folder)])
+    return " ".join([cli_command(), *map(shlex.quote, keep), run_dir_arg(folder)])
 
 
 @dataclass

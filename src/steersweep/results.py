@@ -25,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import SteersweepError
 from .fileio import atomic_write_bytes, clean_stale_tmp
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ ITEM_SCHEMA = pa.schema(
 ITEM_KEY = ["concept", "method", "mode", "layers", "alpha", "item_set", "item_id"]
 
 
-class ResultsError(RuntimeError):
+class ResultsError(SteersweepError, RuntimeError):
     """The results folder cannot be used."""
 
 
@@ -296,13 +297,14 @@ def scrub(obj):
     return obj
 
 
-def git_commit(cwd: Path | None = None) -> str | None:
+def git_commit(repo: Path) -> str | None:
+    """The commit checked out in `repo` (`-dirty` with uncommitted changes), None if it is not a git work tree."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10, check=True
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True,
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True,
             timeout=10,
         )  # fmt: skip
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
@@ -311,8 +313,8 @@ def git_commit(cwd: Path | None = None) -> str | None:
 
 
 def package_versions(names: Iterable[str] = (
-    "torch", "transformers", "accelerate", "hydra-core", "omegaconf", "submitit", "pandas", "pyarrow",
-    "safetensors", "numpy",
+    "steersweep", "torch", "transformers", "accelerate", "hydra-core", "omegaconf", "submitit", "pandas",
+    "pyarrow", "safetensors", "numpy",
 )) -> dict[str, str]:  # fmt: skip
     from importlib.metadata import PackageNotFoundError, version
 

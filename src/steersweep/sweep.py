@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from . import generation as G
 from . import memory as M
 from .loading import dtype_decision
+from .paths import source_checkout
 from .plan import (
-    PROJECT_ROOT,
     Batch,
     Cell,
     PlanError,
@@ -28,6 +28,7 @@ from .plan import (
     as_list,
     batch_cells,
     claim_plan,
+    cli_command,
     concepts,
     deal,
     expand,
@@ -308,7 +309,8 @@ def manifest(
         "identity_hash": plan.identity_hash,
         "plan": {"cells": len(plan.cells), "batches": len(plan.batches), "batch_size": plan.batch_size},
         "config": OmegaConf.to_container(cfg, resolve=True),
-        "git_commit": git_commit(PROJECT_ROOT),
+        # the source checkout's commit; an installed wheel has none: packages["steersweep"] says what ran
+        "git_commit": git_commit(checkout) if (checkout := source_checkout()) else None,
         "packages": package_versions(),
         "host": host_info(),
         "shard": list(shard),
@@ -334,7 +336,7 @@ def finish(cfg: DictConfig, folder: RunFolder, plan: RunPlan, written: int) -> d
         print(
             f"wrote {written} new rows into {folder.parts}; {present}/{len(all_ids)} cells present "
             f"(the other shards' batches; the last worker to finish merges).\n"
-            f"  see: python run_experiment.py task=status {run_dir_arg(folder.path)}"
+            f"  see: {cli_command()} task=status {run_dir_arg(folder.path)}"
         )
         return summary
     df, path = folder.merge(csv=cfg.report.csv, keep=all_ids)

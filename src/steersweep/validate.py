@@ -12,13 +12,14 @@ from omegaconf import DictConfig
 
 from . import data
 from .config import TASKS
+from .errors import SteersweepError
 from .loading import DTYPES, LoadError, parse_size, read_model_config
 from .metrics import METRICS
 
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class ConfigError(SteersweepError, ValueError):
     """The configuration asks for something impossible; the message says how to fix it."""
 
 

@@ -19,11 +19,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .encoding import Source, encode, model_inputs, pad_id_of, user_messages
+from .errors import SteersweepError
 from .fileio import atomic_write_bytes
 from .hooks import record
 
 
-class VectorError(ValueError):
+class VectorError(SteersweepError, ValueError):
     """A vector file or vector set is unusable."""
 
 
