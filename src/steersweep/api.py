@@ -53,6 +53,7 @@ __all__ = [
     "load",
     "report",
     "steer",
+    "steerability",
     "steering",
 ]
 
