@@ -4,6 +4,7 @@ all on the embedded model. Every table must equal a direct run's."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -210,4 +211,8 @@ def test_per_gpu_tasks_are_workers_of_the_plan(cluster, direct, tmp_path):
        "--mem=6G", f"--output={tmp_path}/slurm-%j.out", "slurm/submit_per_gpu.sh", PRESET, FP32, f"run_dir={run_dir}",
        "progress=false", timeout=900)  # fmt: skip
     df = assert_same_table(run_dir, direct)
-    assert df.worker.value_counts().to_dict() == {"s0of1r0": 24, "s0of1r1": 24}
+    # each made the cells of its own batches (b % 2 == rank): a batch holds 8 decodes, a prompt's alpha-0 cells one
+    sizes = json.loads((run_dir / "plan.json").read_text())["batch_cells"]
+    assert df.worker.value_counts().to_dict() == {"s0of1r0": sum(sizes[0::2]), "s0of1r1": sum(sizes[1::2])}
+    # batch 0: prompt 0's 7 decodes (one baseline for both layers' alpha 0, 6 steered) and prompt 1's baseline
+    assert sum(sizes) == 48 and sizes[0] == 8 + 2
