@@ -169,6 +169,7 @@ def test_steerability_on_the_embedded_model(tmp_path):
     assert table.anti_steerable["14"] < 0.5
     pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "steerability.parquet").set_index("layers"), table)
     summary = (run_dir / "report" / "summary.md").read_text()
-    assert "## Steerability" in summary and "Most steerable on sentiment_continuations: **layer" in summary
+    assert "## Steerability" in summary and "Most steerable on sentiment_continuations: **layer 14**" in summary
+    assert "Most steerable on sentiment_continuations: layer 14 (mean slope" in r.stdout  # the run's last words
     page = (run_dir / "report" / "index.html").read_text()
     assert "id='metric-steerability'" in page and 'alt="steerability: items_sentiment_continuations"' in page

@@ -376,19 +376,16 @@ def folder_steerability(run_dir: Path, cfg: DictConfig) -> str:
 
     from .data import set_name
     from .reliability import most_steerable
+    from .report_steerability import recommendation
 
     path = RunFolder(run_dir).steerability_path
     if not path.is_file():
         return ""
     table = pd.read_parquet(path)
-    main = table[table.item_set == set_name(as_list(cfg.eval.behavior_dataset)[0])]
+    item_set = set_name(as_list(cfg.eval.behavior_dataset)[0])
+    main = table[table.item_set == item_set]
     best = most_steerable(main) if len(main[["concept", "method", "mode"]].drop_duplicates()) == 1 else None
-    if best is None:
-        return ""
-    return (
-        f"most steerable: layers {best.layers} on {best.item_set} (mean slope {best.mean_slope:.3g}, 95% "
-        f"[{best.slope_ci_low:.3g}, {best.slope_ci_high:.3g}]; {best.anti_steerable:.0%} of items anti-steerable)"
-    )
+    return "" if best is None else recommendation(best, item_set).replace("**", "")  # the report's sentence
 
 
 def status(folder: RunFolder) -> dict:
