@@ -30,9 +30,9 @@ def run(shape: str, tokens: int = 64) -> dict:
     from steerbench.workload import build, min_new_tokens
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from steersweep.data import load_prompts
-    from steersweep.embedded import DEFAULT_MODEL_DIR, prepare
-    from steersweep.loading import torch_dtype
+    from steersweep.inputs.datasets import load_prompts
+    from steersweep.model.dtypes import torch_dtype
+    from steersweep.model.embedded import DEFAULT_MODEL_DIR, prepare
 
     hidden, layers, heads, kv, inter = (int(x) for x in shape.split(","))
     path = prepare(DEFAULT_MODEL_DIR)

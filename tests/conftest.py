@@ -56,7 +56,7 @@ def tiny_checkpoint(folder: Path, embedded_dir: Path, model=None) -> Path:
 
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
-    from steersweep.embedded import DEFAULT_MODEL_DIR, prepare
+    from steersweep.model.embedded import DEFAULT_MODEL_DIR, prepare
 
     return prepare(DEFAULT_MODEL_DIR)
 

@@ -20,18 +20,18 @@ import torch
 from conftest import readme_block
 
 import steersweep as ss
-from steersweep import api
-from steersweep import metrics as M
-from steersweep.app import USER_ERRORS
-from steersweep.config import GenerationConfig
-from steersweep.data import load_behavior_items, load_pairs, load_prompts
-from steersweep.encoding import encode_prompts
-from steersweep.generation import generate_rows
-from steersweep.hooks import get_layers
-from steersweep.plan import folder_for, identity, identity_hash
-from steersweep.results import table_from_rows
-from steersweep.validate import ConfigError
-from steersweep.vectors import VectorError, VectorSet, compute_caa
+from steersweep.api import compose, report
+from steersweep.core.config import GenerationConfig
+from steersweep.core.errors import USER_ERRORS, ConfigError, VectorError
+from steersweep.inputs.datasets import load_behavior_items, load_pairs, load_prompts
+from steersweep.inputs.encoding import encode_prompts
+from steersweep.runs.folder import table_from_rows
+from steersweep.runs.identity import folder_for, identity, identity_hash
+from steersweep.scoring import behavior, metrics
+from steersweep.steering.directions import compute_caa
+from steersweep.steering.generation import generate_rows
+from steersweep.steering.layers import get_layers
+from steersweep.steering.vectorset import VectorSet
 
 ROOT = Path(__file__).resolve().parents[1]
 # the README's sweeps cut below experiment=quick size (2 prompts, 8 tokens, 8 behaviour items)
@@ -55,10 +55,10 @@ def test_import_is_cheap():
 
 
 def test_public_names_are_documented():
-    assert ss.report is api.report  # the front door; tables and plots live in steersweep.reporting
+    assert ss.report is report.report  # the front door; tables and plots live in steersweep.reporting
     assert {"Sweep", "load", "steer", "steering", "report", "compute_vectors", "behavior_prob"} <= set(dir(ss))
     for name in ("Sweep", "load", "steer", "steering", "compute_vectors", "behavior_prob", "report", "compose_config"):
-        fn = getattr(api, name)
+        fn = getattr(ss, name)
         assert fn.__doc__ and "Args" in (fn.compose.__doc__ if name == "Sweep" else fn.__doc__), name
     assert "alias" in ss.Sweep.from_config.__doc__
 
@@ -86,7 +86,7 @@ def test_compose_errors_are_the_cli_lines(override, tmp_path):
 
 def test_compose_is_the_cli_config(tmp_path):
     run = ss.Sweep.compose(model="smollm2_135m", experiment="quick", overrides=["steering.alphas=[0,3]"])
-    want = api.compose_config(["model=smollm2_135m", "experiment=quick", "steering.alphas=[0,3]"])
+    want = compose.compose_config(["model=smollm2_135m", "experiment=quick", "steering.alphas=[0,3]"])
     assert run.cfg == want
     assert ss.Sweep.from_config("smollm2_135m", ["steering.alphas=[0,3]"], "quick").cfg == want  # the alias
     assert ss.Sweep(want).cfg == want  # a composed config goes to the constructor
@@ -103,18 +103,18 @@ def test_compose_refuses_other_tasks_and_wrong_models(tiny, tokenizer):
     with pytest.raises(ConfigError, match="hidden_size=32 but model=smollm2_135m has 576"):
         ss.Sweep.compose(loaded=(tiny, tokenizer))
     like = SimpleNamespace(config=SimpleNamespace(hidden_size=576, num_hidden_layers=30, vocab_size=49152))
-    other = api.compose_config(["model.dtype=float16"]).model
+    other = compose.compose_config(["model.dtype=float16"]).model
     with pytest.raises(ConfigError, match="model.dtype=float16 \\(loaded\\)"):
-        ss.Sweep.compose(loaded=api.Loaded(like, tokenizer, {}, other))
+        ss.Sweep.compose(loaded=compose.Loaded(like, tokenizer, {}, other))
     with pytest.raises(ConfigError, match="loaded= takes"):
         ss.Sweep.compose(loaded=tiny)
 
 
 def test_override_values_are_quoted():
-    assert api._override_value("150GiB") == "'150GiB'"
-    assert api._override_value(0.8) == "0.8" and api._override_value(True) == "true"
-    assert api._override_value(None) == "null" and api._override_value([1, 2]) == "[1,2]"
-    cfg = api.compose_config([f"memory.cpu={api._override_value('0')}", "memory.gpu_fraction=0.5"])
+    assert compose._override_value("150GiB") == "'150GiB'"
+    assert compose._override_value(0.8) == "0.8" and compose._override_value(True) == "true"
+    assert compose._override_value(None) == "null" and compose._override_value([1, 2]) == "[1,2]"
+    cfg = compose.compose_config([f"memory.cpu={compose._override_value('0')}", "memory.gpu_fraction=0.5"])
     assert cfg.memory.cpu == "0" and cfg.memory.gpu_fraction == 0.5
 
 
@@ -133,7 +133,7 @@ def results_frame(run_id: str = "toy-1234") -> pd.DataFrame:
 
 
 def test_report_of_a_dataframe_writes_what_task_report_writes(tmp_path, capsys):
-    from steersweep.reporting import write_report
+    from steersweep.report.write import write_report
 
     df = results_frame()
     ref = tmp_path / "toy-1234"
@@ -215,7 +215,7 @@ def test_steer_is_generate_rows_with_per_row_settings(tiny, tokenizer):
 
 def own_generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     """A notebook's own `generate` call on the prompts `steer` encodes (chat template, left padding)."""
-    from steersweep.generation import left_pad
+    from steersweep.steering.generation import left_pad
 
     pad = tokenizer.pad_token_id
     ids, mask = left_pad(encode_prompts(tokenizer, prompts, GenerationConfig(max_new_tokens=6)), pad)
@@ -274,7 +274,7 @@ def test_steering_removes_its_hooks_and_refuses_what_it_cannot_do(tiny, tokenize
 
 def test_steer_backs_off_on_out_of_memory(tiny, tokenizer, monkeypatch):
     """A batch that does not fit is halved and retried: same completions, in order, none lost."""
-    import steersweep.generation as G
+    from steersweep.steering import generation as G
 
     v = {1: torch.randn(32) * 4}
     want = ss.steer(tiny, tokenizer, PROMPTS, 1, 2.0, v, 5)
@@ -295,8 +295,8 @@ def test_behavior_prob_is_the_metric(tiny, tokenizer):
     items = load_behavior_items("sentiment_continuations", "continuation")[:6]
     v = torch.randn(32) * 4
     got = ss.behavior_prob(tiny, tokenizer, items, 2, 3.0, {2: v})
-    enc = M.encode_behavior_items(tokenizer, items, "continuation", True)
-    ref = M.behavior_probs(tiny, enc, [(2, 3.0, v)], M.pad_id_of(tokenizer))[0][0]
+    enc = behavior.encode_behavior_items(tokenizer, items, "continuation", True)
+    ref = behavior.behavior_probs(tiny, enc, [(2, 3.0, v)], metrics.pad_id_of(tokenizer))[0][0]
     assert got == ref and 0 < got < 1
     assert ss.behavior_prob(tiny, tokenizer, "sentiment_continuations", 2, 3.0, v, limit=6) == got
     base = ss.behavior_prob(tiny, tokenizer, items, 1, 0.0, v)
@@ -386,7 +386,7 @@ def test_readme_lower_block_and_a_loaded_model_reproduce_the_cli(readme_run, mon
     exec(compile(readme_block("python-api-lower"), "README.md", "exec"), ns)
     monkeypatch.undo()
     loaded, model, tok, df2 = ns["loaded"], ns["model"], ns["tok"], ns["df2"]
-    assert isinstance(loaded, api.Loaded) and loaded.info["path"]
+    assert isinstance(loaded, compose.Loaded) and loaded.info["path"]
     assert len(ns["texts"]) == 2 and all(isinstance(x, str) for x in ns["texts"]) and 0 < ns["p"] < 1
     plan = json.loads((tmp / "cli" / "plan.json").read_text())
     assert json.loads((tmp / "lower" / "plan.json").read_text())["identity_hash"] == plan["identity_hash"]

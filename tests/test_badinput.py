@@ -24,11 +24,11 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from steersweep.app import USER_ERRORS
-from steersweep.config import register_configs
-from steersweep.results import ResultsError, RunFolder
-from steersweep.validate import ConfigError, validate_static
-from steersweep.vectors import VectorSet, save
+from steersweep.core.config import register_configs
+from steersweep.core.errors import USER_ERRORS, ConfigError, ResultsError
+from steersweep.pipeline.validate import validate_static
+from steersweep.runs.folder import RunFolder
+from steersweep.steering.vectorset import VectorSet, save
 
 pytestmark = pytest.mark.badinput
 
@@ -69,7 +69,7 @@ def no_weights(monkeypatch):
 
     import transformers
 
-    monkeypatch.setattr("steersweep.loading.load_model", boom)
+    monkeypatch.setattr("steersweep.model.loading.load_model", boom)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", boom)
     for k in ("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "WORLD_SIZE"):
@@ -78,7 +78,7 @@ def no_weights(monkeypatch):
 
 def refused(cfg, match: str, error=USER_ERRORS) -> str:
     """Run the sweep as the CLI does; it must raise a user error matching `match`, leaving no results."""
-    from steersweep.sweep import run_sweep
+    from steersweep.pipeline.sweep import run_sweep
 
     with pytest.raises(error) as ei:
         run_sweep(cfg)
@@ -213,7 +213,7 @@ def test_cli_wrong_type_is_one_error_line(tmp_path):
 
 
 def cli_error(capsys, *args: str) -> str:
-    from steersweep.cli import precheck
+    from steersweep.pipeline.cli import precheck
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as ei:
@@ -377,7 +377,8 @@ def test_layer_list_not_found(tmp_path, no_weights):
 
 def test_layer_list_not_found_by_autodetection():
     """An architecture whose layer list is in none of the known places (the hook-side check)."""
-    from steersweep.hooks import LayerLookupError, get_layers
+    from steersweep.core.errors import LayerLookupError
+    from steersweep.steering.layers import get_layers
 
     with pytest.raises(LayerLookupError) as ei:
         get_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
@@ -392,7 +393,8 @@ def test_chat_template_on_without_template(tmp_path, no_weights):
 
 def test_chat_template_on_without_template_after_load():
     """The after-load check (hub checkpoints, where the pre-load one cannot read the tokenizer)."""
-    from steersweep.generation import PromptError, use_chat_template
+    from steersweep.core.errors import PromptError
+    from steersweep.inputs.encoding import use_chat_template
 
     class NoTemplate:
         chat_template = None
@@ -403,7 +405,7 @@ def test_chat_template_on_without_template_after_load():
 
 
 def test_prompt_error_is_a_user_error():
-    from steersweep.generation import PromptError
+    from steersweep.core.errors import PromptError
 
     assert issubclass(PromptError, USER_ERRORS)
 
@@ -412,8 +414,8 @@ def test_prompt_longer_than_context(tmp_path, tokenizer):
     """Needs the tokenizer, so it runs after loading: generate_batches on the tiny random Llama."""
     from conftest import tiny_llama
 
-    from steersweep.plan import Batch, Cell
-    from steersweep.sweep import generate_batches
+    from steersweep.pipeline.sweep import generate_batches
+    from steersweep.runs.grid import Batch, Cell
 
     model = tiny_llama()  # max_position_embeddings=256
     folder = RunFolder(tmp_path / "run")
@@ -678,7 +680,7 @@ def test_slurm_array_env_refused(env, match, tmp_path, no_weights, monkeypatch):
 
 def test_slurm_array_env_ignored_without_shard_count_auto(tmp_path, monkeypatch):
     """A job of a Hydra multirun sees the sweep's array variables: it must not shard by them."""
-    from steersweep.plan import shard_of
+    from steersweep.runs.launch import shard_of
 
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
@@ -705,7 +707,7 @@ def test_results_root_under_a_regular_file(tmp_path, no_weights):
     (tmp_path / "file").write_text("not a folder")
     cfg = make("run_name=x", run_dir=None, results_root=str(tmp_path / "file" / "results"))
     with pytest.raises(ConfigError) as ei:
-        from steersweep.sweep import run_sweep
+        from steersweep.pipeline.sweep import run_sweep
 
         run_sweep(cfg)
     assert re.search(
@@ -725,7 +727,7 @@ def test_results_root_read_only(tmp_path, no_weights):
 
 
 def test_resume_with_a_different_config_refused(tmp_path, no_weights):
-    from steersweep.sweep import prepare
+    from steersweep.pipeline.sweep import prepare
 
     run = tmp_path / "run"
     prepare(make("steering.positions=generated", "generation.max_new_tokens=8", run_dir=str(run)))  # claims it
@@ -780,7 +782,7 @@ def _cli_cases():
         return [f"run_dir={d / 'file' / 'run'}"]
 
     def resume(d):
-        from steersweep.sweep import prepare
+        from steersweep.pipeline.sweep import prepare
 
         prepare(make("generation.max_new_tokens=8", run_dir=str(d / "run")))
         return []

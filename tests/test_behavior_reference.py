@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from steersweep import data
-from steersweep import metrics as M
+from steersweep.inputs import datasets as data
+from steersweep.scoring import behavior as M
 
 CONT = data.load_jsonl("sentiment_continuations", ("prefix", "positive", "negative"))
 AB = data.load_jsonl("sentiment_ab", ("question", "A", "B", "positive"))

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from test_config import make
 
-from steersweep.fileio import claim, clean_stale_tmp
-from steersweep.plan import expand, folder_for, identity, identity_hash
-from steersweep.results import RunFolder
+from steersweep.core.fileio import claim, clean_stale_tmp
+from steersweep.runs.folder import RunFolder
+from steersweep.runs.grid import expand
+from steersweep.runs.identity import folder_for, identity, identity_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +86,8 @@ def _run(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
 
 def test_status_of_a_half_done_sharded_folder(tmp_path, capsys):
     """Shard 0 of 2 finished, shard 1 never ran: status names what is missing and how to finish."""
-    from steersweep.plan import claim_plan, deal
+    from steersweep.runs.grid import deal
+    from steersweep.runs.planfile import claim_plan
 
     run = tmp_path / "run's dir"
     cfg = make("experiment=quick", "generation.batch_size=4", f'run_dir="{run}"')
@@ -112,7 +114,7 @@ def test_status_of_a_half_done_sharded_folder(tmp_path, capsys):
                         shell=True, cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r2.returncode == 0 and "cells present: 11/16" in r2.stdout, r2.stderr[-2000:]
     # a worker that ends before the others prints a status command that works as printed too
-    from steersweep.sweep import finish
+    from steersweep.pipeline.finish import finish
 
     finish(cfg, folder, plan, 11)
     see = capsys.readouterr().out.split("see: ")[1].splitlines()[0].strip()
@@ -152,6 +154,6 @@ def test_editing_an_input_file_is_another_identity(tmp_path):
     f.write_text('{"id": "a", "prompt": "Goodbye"}\n')
     after = identity(make(f"prompts.dataset={f}"))
     assert identity_hash(before) != identity_hash(after)
-    from steersweep.plan import differing_keys
+    from steersweep.runs.identity import differing_keys
 
     assert differing_keys(before, after) == ["input_files.prompts"]

@@ -8,8 +8,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from steersweep.config import register_configs
-from steersweep.validate import ConfigError, validate_static
+from steersweep.core.config import register_configs
+from steersweep.core.errors import ConfigError
+from steersweep.pipeline.validate import validate_static
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()
@@ -124,7 +125,7 @@ def test_task_plan_says_which_grid_it_took_and_why():
 
 
 def test_the_configs_ship_in_the_package_and_conf_links_there():
-    from steersweep.paths import CONF_DIR
+    from steersweep.core.paths import CONF_DIR
 
     assert CONF.is_symlink() and CONF.resolve() == CONF_DIR and (CONF_DIR / "config.yaml").is_file()
 

@@ -11,9 +11,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from steersweep import data
-from steersweep.config import register_configs
-from steersweep.data import DatasetError, content_id, load_behavior_items, load_pairs, load_prompts, split_ab
+from steersweep.core import config
+from steersweep.core.config import register_configs
+from steersweep.core.errors import DatasetError
+from steersweep.inputs import datasets
+from steersweep.inputs.datasets import load_behavior_items, load_pairs, load_prompts, split_ab
+from steersweep.inputs.records import content_id
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()
@@ -228,7 +231,7 @@ def test_format_argument_and_declared_format(tmp_path):
 
 def test_our_ab_items_unchanged():
     items = load_behavior_items("sentiment_ab", "ab")
-    raw = data.load_jsonl("sentiment_ab")
+    raw = datasets.load_jsonl("sentiment_ab")
     assert items == [{k: r[k] for k in ("id", "question", "A", "B", "positive")} for r in raw]
 
 
@@ -239,9 +242,9 @@ def test_duplicate_content_gets_distinct_stable_ids(tmp_path):
 
 
 def test_shipped_names_resolve_any_suffix():
-    assert data.resolve("sentiment_words").suffix == ".json"
-    assert data.resolve("prompts_default").suffix == ".jsonl"
-    assert data.resolve("prompts_default.jsonl") == data.resolve("prompts_default")
+    assert datasets.resolve("sentiment_words").suffix == ".json"
+    assert datasets.resolve("prompts_default").suffix == ".jsonl"
+    assert datasets.resolve("prompts_default.jsonl") == datasets.resolve("prompts_default")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +352,8 @@ def make(*overrides: str, **sets):
 
 
 def test_validate_inputs_reads_caa_files(caa_ab, tmp_path):
-    from steersweep.validate import ConfigError, validate_inputs
+    from steersweep.core.errors import ConfigError
+    from steersweep.pipeline.validate import validate_inputs
 
     open_ended = write(tmp_path / "test_dataset_open_ended.json", OPEN_ENDED)
     cfg = make(
@@ -394,12 +398,13 @@ def test_validate_inputs_reads_caa_files(caa_ab, tmp_path):
     ],
 )
 def test_concept_of_dataset(source, name):
-    assert data.concept_of(source) == name
+    assert config.concept_of(source) == name
 
 
 def test_concept_follows_the_dataset_unless_set(tmp_path):
-    from steersweep.plan import concepts, folder_for, identity, identity_hash
-    from steersweep.validate import validate_inputs, validate_static
+    from steersweep.pipeline.validate import validate_inputs, validate_static
+    from steersweep.runs.grid import concepts
+    from steersweep.runs.identity import folder_for, identity, identity_hash
 
     caa = tmp_path / "refusal" / "generate_dataset.json"
     caa.parent.mkdir()
@@ -426,7 +431,7 @@ def test_sweep_on_a_caa_file_names_what_it_steers(tiny, embedded_dir, tmp_path):
     from conftest import tiny_checkpoint
 
     import steersweep as ss
-    from steersweep.vectors import load
+    from steersweep.steering.vectorset import load
 
     caa = tmp_path / "refusal" / "generate_dataset.json"
     caa.parent.mkdir()

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from steersweep import data
-from steersweep import metrics as M
-from steersweep.encoding import Encoded, EncodingError, encode, model_inputs, position_ids, user_messages
+from steersweep.core.errors import EncodingError
+from steersweep.inputs import datasets as data
+from steersweep.inputs.encoding import Encoded, encode, model_inputs, position_ids, user_messages
+from steersweep.scoring import behavior, metrics
 
 CONT = data.load_jsonl("sentiment_continuations", ("prefix", "positive", "negative"))
 AB = data.load_jsonl("sentiment_ab", ("question", "A", "B", "positive"))
@@ -170,7 +171,7 @@ def contexts(tok, fmt: str, chat: bool) -> list[tuple[str, bool, list[str]]]:
 
 def check_suffix(tok, fmt: str, chat: bool) -> list[tuple[Encoded, Encoded]]:
     """The scored ids of every answer are the suffix of the jointly encoded context + answer."""
-    enc = M.encode_behavior_items(tok, CONT if fmt == "continuation" else AB, fmt, chat)
+    enc = behavior.encode_behavior_items(tok, CONT if fmt == "continuation" else AB, fmt, chat)
     for pair, (ctx, special, answers) in zip(enc, contexts(tok, fmt, chat), strict=True):
         for e, answer in zip(pair, answers, strict=True):
             joint = ids(tok, ctx + answer, special)
@@ -200,15 +201,15 @@ def test_transformers_loading_agrees_with_the_raw_tokenizer(hf, raw, request):
     tok, ref = request.getfixturevalue(hf), request.getfixturevalue(raw)
     for fmt in ("continuation", "ab"):
         for (m, o), (ctx, _, answers) in zip(
-            M.encode_behavior_items(tok, CONT if fmt == "continuation" else AB, fmt, False),
+            behavior.encode_behavior_items(tok, CONT if fmt == "continuation" else AB, fmt, False),
             contexts(tok, fmt, False),
             strict=True,
         ):
             for e, answer in zip((m, o), answers, strict=True):
                 assert list(e.ids) == ids(ref, ctx + answer, True)
     if ref.chat_template:  # sentencepiece cannot read "<s>" in text: the raw Mistral wrapper has none
-        chat = [(m.ids, o.ids) for m, o in M.encode_behavior_items(tok, AB, "ab", True)]
-        assert chat == [(m.ids, o.ids) for m, o in M.encode_behavior_items(ref, AB, "ab", True)]
+        chat = [(m.ids, o.ids) for m, o in behavior.encode_behavior_items(tok, AB, "ab", True)]
+        assert chat == [(m.ids, o.ids) for m, o in behavior.encode_behavior_items(ref, AB, "ab", True)]
 
 
 # Quoted in the issue's note: the ids scored for the first item of each shipped dataset.
@@ -223,23 +224,23 @@ PINNED = {
 def test_scored_ids_of_the_first_items(family, request):
     tok = request.getfixturevalue(family)
     (cpos, cneg), (apos, aneg) = PINNED[family]
-    m, o = M.encode_behavior_items(tok, CONT[:1], "continuation", False)[0]
+    m, o = behavior.encode_behavior_items(tok, CONT[:1], "continuation", False)[0]
     assert (list(m.answer), list(o.answer)) == (cpos, cneg)
-    m, o = M.encode_behavior_items(tok, AB[:1], "ab", False)[0]
+    m, o = behavior.encode_behavior_items(tok, AB[:1], "ab", False)[0]
     assert (list(m.answer), list(o.answer)) == (apos, aneg)
 
 
 def test_answers_encoded_alone_are_not_what_mistral_reads(mistral_sp):
     """The old way (context and answer encoded apart) scores tokens the model never reads."""
-    m, _ = M.encode_behavior_items(mistral_sp, CONT[:1], "continuation", False)[0]
+    m, _ = behavior.encode_behavior_items(mistral_sp, CONT[:1], "continuation", False)[0]
     assert ids(mistral_sp, " delicious", False) == [28705, 15992] != list(m.answer)  # ['▁', '▁delicious']
-    m, _ = M.encode_behavior_items(mistral_sp, AB[:1], "ab", False)[0]
+    m, _ = behavior.encode_behavior_items(mistral_sp, AB[:1], "ab", False)[0]
     assert ids(mistral_sp, "A", False) == [330] != list(m.answer)  # ▁A, not A
 
 
 def test_llama3_chat_merges_the_parenthesis_into_the_answer(llama3_tiktoken):
     """After the assistant header "\\n\\n", "(A" is one pre-token: the merged token is the answer."""
-    m, o = M.encode_behavior_items(llama3_tiktoken, AB[:1], "ab", True)[0]
+    m, o = behavior.encode_behavior_items(llama3_tiktoken, AB[:1], "ab", True)[0]
     assert llama3_tiktoken.decode(m.answer) == "(A" and llama3_tiktoken.decode(o.answer) == "(B"
     assert m.context == o.context and llama3_tiktoken.decode(m.context[-1:]) == "\n\n"
 
@@ -274,8 +275,8 @@ def test_boundary_merge_goes_to_the_answer(tokenizer):
 def test_encode_prompts_is_the_generation_encoder(tokenizer):
     from omegaconf import OmegaConf
 
-    from steersweep import generation as G
-    from steersweep.config import GenerationConfig
+    from steersweep.core.config import GenerationConfig
+    from steersweep.steering import generation as G
 
     gen = OmegaConf.structured(GenerationConfig(system_prompt="Be kind."))
     got = G.encode_prompts(tokenizer, ["Describe the sea."], gen)
@@ -308,18 +309,20 @@ def tiny_gpt2(vocab: int = 49152):
 
 def test_absolute_position_model_scores_the_same_padded_or_not(tokenizer):
     """GPT-2 adds a learned embedding per absolute position: padding must not shift them."""
-    from steersweep.vectors import mean_activation
+    from steersweep.steering.directions import mean_activation
 
     model = tiny_gpt2()
     prompts = [tokenizer(t)["input_ids"] for t in ("Hi", "The sea is wide and deep today", "A cat")]
     comps = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in (" there", " and calm", " sat down")]
-    batched = M.tail_logprobs(model, [p + c for p, c in zip(prompts, comps, strict=True)], [len(c) for c in comps], 2)
+    batched = metrics.tail_logprobs(
+        model, [p + c for p, c in zip(prompts, comps, strict=True)], [len(c) for c in comps], 2
+    )
     for p, c, got in zip(prompts, comps, batched, strict=True):
-        alone = M.tail_logprobs(model, [p + c], [len(c)], 2)[0]
+        alone = metrics.tail_logprobs(model, [p + c], [len(c)], 2)[0]
         torch.testing.assert_close(torch.tensor(got), torch.tensor(alone), rtol=1e-5, atol=1e-5)
-    ppl = M.perplexities(model, prompts, comps, 2)
+    ppl = metrics.perplexities(model, prompts, comps, 2)
     for p, c, got in zip(prompts, comps, ppl, strict=True):
-        assert got == pytest.approx(M.perplexities(model, [p], [c], 2)[0], rel=1e-5)
+        assert got == pytest.approx(metrics.perplexities(model, [p], [c], 2)[0], rel=1e-5)
     texts = ["Hi", "The sea is wide and deep today", "A cat"]
     batched_mean, _ = mean_activation(model, tokenizer, texts, [1], -1, batch_size=3)
     one_by_one = [mean_activation(model, tokenizer, [t], [1], -1)[0][1] for t in texts]
@@ -327,5 +330,5 @@ def test_absolute_position_model_scores_the_same_padded_or_not(tokenizer):
 
 
 def test_behavior_prob_is_stable_for_huge_log_odds():
-    assert M.sigmoid(1e6) == 1.0 and M.sigmoid(-1e6) == 0.0 and M.sigmoid(0.0) == 0.5
-    assert M.sigmoid(-800.0) == pytest.approx(0.0, abs=1e-300)
+    assert behavior.sigmoid(1e6) == 1.0 and behavior.sigmoid(-1e6) == 0.0 and behavior.sigmoid(0.0) == 0.5
+    assert behavior.sigmoid(-800.0) == pytest.approx(0.0, abs=1e-300)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from steersweep.baselines import seed_loop_generate
-from steersweep.config import GenerationConfig
-from steersweep.generation import generate_rows
-from steersweep.memory import generate_with_backoff
+from steersweep.core.config import GenerationConfig
+from steersweep.model.memory import generate_with_backoff
+from steersweep.steering.baselines import seed_loop_generate
+from steersweep.steering.generation import generate_rows
 
 PROMPTS = ["Tell me about your weekend.", "Describe the sea.", "What is a good breakfast?"]
 
@@ -110,7 +110,7 @@ def test_shared_prefill_equals_plain_generated_steering(tiny, tokenizer):
 
 def test_identical_rows_generated_once(tiny, tokenizer):
     """alpha 0 on three layers is one unsteered row: decoded once, copied to all three."""
-    from steersweep.hooks import get_layers
+    from steersweep.steering.layers import get_layers
 
     ids = ids_of(tokenizer)[:2]
     v = torch.randn(32)
@@ -134,8 +134,8 @@ def test_greedy_ignores_the_checkpoints_penalties(embedded_dir, tmp_path, tokeni
     """Qwen2.5 ships repetition_penalty 1.05: "greedy" must still be plain argmax decoding."""
     import json
 
-    from steersweep.config import MemoryConfig, ModelConfig
-    from steersweep.loading import load_model
+    from steersweep.core.config import MemoryConfig, ModelConfig
+    from steersweep.model.loading import load_model
 
     ckpt = tmp_path / "penalised"
     ckpt.mkdir()
@@ -228,7 +228,7 @@ def test_decode_loop_trims_padding_no_live_row_needs(tiny, tokenizer):
 @pytest.mark.slow
 def test_decode_loop_equals_generate_on_the_real_model_sampled_short_answers(real_model, tokenizer):
     """The EOS-heavy case on the embedded model in float32: sampled chat answers of a few words."""
-    from steersweep.encoding import encode_prompts
+    from steersweep.inputs.encoding import encode_prompts
 
     questions = ["Answer in one word: what colour is the sky?", "Say yes or no: is water wet?",
                  "Name one fruit.", "What is 2+2? Reply with the number only.", "Tell me a long story."]  # fmt: skip
@@ -270,7 +270,7 @@ def test_top_p_equals_transformers_warper():
     rows, cuts inside the top k and beyond it (the warper's own full sort then decides)."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from steersweep.generation import TopP
+    from steersweep.steering.generation import TopP
 
     cases = 0
     for seed in range(12):

@@ -15,12 +15,12 @@ import time
 import pytest
 import torch
 
-from steersweep import memory as M
-from steersweep.config import GenerationConfig, MemoryConfig, ModelConfig
-from steersweep.data import load_prompts
-from steersweep.encoding import encode_prompts
-from steersweep.generation import generate_rows
-from steersweep.loading import load_model
+from steersweep.core.config import GenerationConfig, MemoryConfig, ModelConfig
+from steersweep.inputs.datasets import load_prompts
+from steersweep.inputs.encoding import encode_prompts
+from steersweep.model import memory as M
+from steersweep.model.loading import load_model
+from steersweep.steering.generation import generate_rows
 
 pytestmark = [
     pytest.mark.gpu,

@@ -6,7 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from steersweep.hooks import LayerLookupError, get_layers, record, row_deltas, steer
+from steersweep.core.errors import LayerLookupError
+from steersweep.steering.layers import get_layers
+from steersweep.steering.rows import row_deltas, steer
+from steersweep.steering.trunk import record
 
 
 def layer_outputs(model, ids, layers):

@@ -14,10 +14,11 @@ from conftest import ROOT, tiny_llama
 from test_config import make
 from transformers import LlamaConfig
 
-from steersweep import memory as M
-from steersweep.app import plan
-from steersweep.distributed import Dist
-from steersweep.loading import LoadError, empty_model, quantization_config, quantized_params
+from steersweep.core.errors import LoadError
+from steersweep.model import memory as M
+from steersweep.model.placement import empty_model, quantization_config, quantized_params
+from steersweep.pipeline.tasks import plan
+from steersweep.runs.distributed import Dist
 
 GiB = 2**30
 # 8 layers, 8 query heads of 64, 2 KV heads, hidden 512, MLP 1024, vocab 1000
@@ -75,7 +76,7 @@ def test_live_rows_on_cpu_follow_the_job_memory_limit(monkeypatch):
         + 2000 * (4 * 64 + 2 * 128) * 4
         + 2 * 1000 * 4
     )
-    from steersweep.runtime import current_rss
+    from steersweep.core.runtime import current_rss
 
     rss = current_rss()
     limit_mib = rss // 2**20 + 400  # a job that may hold 400 MiB more than this process holds now
@@ -128,7 +129,7 @@ def test_backoff_halves_until_the_batch_fits():
 
 
 def test_scoring_under_backoff_equals_plain_scoring():
-    from steersweep.metrics import perplexities
+    from steersweep.scoring.metrics import perplexities
 
     model = tiny_llama(vocab=1000)
     prompts, comps = [[1, 5, 9], [1, 7], [1, 3, 4, 8]], [[11, 12], [13], [14, 15, 16]]
@@ -187,7 +188,7 @@ def test_plan_honours_4bit_quantization(capsys):
     assert "4bit quantized" in out and "0.5 bytes/param" in out
     # reference, written out: decoder linear weights at 0.5 bytes, embeddings + head + norms at 2
     c = make("model=llama70b").model
-    from steersweep.loading import read_model_config
+    from steersweep.model.checkpoint import read_model_config
 
     hf = read_model_config(c, need_checkpoint=False)
     h, inter = hf.hidden_size, hf.intermediate_size

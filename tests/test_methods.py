@@ -12,12 +12,17 @@ import torch
 from conftest import tiny_checkpoint
 from omegaconf import OmegaConf
 
-from steersweep import vectors as V
-from steersweep.config import GenerationConfig
-from steersweep.data import load_behavior_items, load_pairs
-from steersweep.generation import generate_rows
-from steersweep.hooks import MODES, RowDelta, get_layers, record, row_deltas, steer
-from steersweep.metrics import behavior_probs, encode_behavior_items, next_token_kl, pad_id_of
+from steersweep.core import errors
+from steersweep.core.config import GenerationConfig
+from steersweep.inputs.datasets import load_behavior_items, load_pairs
+from steersweep.inputs.encoding import pad_id_of
+from steersweep.scoring.behavior import behavior_probs, encode_behavior_items
+from steersweep.scoring.metrics import next_token_kl
+from steersweep.steering import directions, vectorset
+from steersweep.steering.generation import generate_rows
+from steersweep.steering.layers import get_layers
+from steersweep.steering.rows import MODES, RowDelta, row_deltas, steer
+from steersweep.steering.trunk import record
 
 MODE_ROWS = ["add", "ablate", "ablate_add", "norm_preserving"]
 
@@ -303,9 +308,9 @@ def sklearn_direction(method, pos, neg):
     return (d if d @ md >= 0 else -d) * np.linalg.norm(md)
 
 
-@pytest.mark.parametrize("method", V.METHODS)
+@pytest.mark.parametrize("method", directions.METHODS)
 def test_each_method_equals_scikit_learn(tiny, tokenizer, tmp_path, method):
-    vs = V.compute_caa(tiny, tokenizer, PAIRS, [1, 2], "sentiment", batch_size=3, method=method)
+    vs = directions.compute_caa(tiny, tokenizer, PAIRS, [1, 2], "sentiment", batch_size=3, method=method)
     for layer in (1, 2):
         pos = independent_activations(tiny, tokenizer, [p["positive"] for p in PAIRS], layer)
         neg = independent_activations(tiny, tokenizer, [p["negative"] for p in PAIRS], layer)
@@ -315,7 +320,7 @@ def test_each_method_equals_scikit_learn(tiny, tokenizer, tmp_path, method):
         assert cos > 1 - 1e-6, (method, layer, cos)
         assert np.linalg.norm(got) == pytest.approx(np.linalg.norm(want), rel=1e-5)
     # the file records how the vectors were made
-    back = V.load(V.save(vs, tmp_path / "v.safetensors"))
+    back = vectorset.load(vectorset.save(vs, tmp_path / "v.safetensors"))
     assert back.method == method and back.meta["read_at"] == "last"
     assert torch.equal(back.vectors[1], vs.vectors[1])
 
@@ -323,22 +328,22 @@ def test_each_method_equals_scikit_learn(tiny, tokenizer, tmp_path, method):
 def test_methods_differ_and_refuse_one_pair(tiny, tokenizer):
     # logistic_c=100: the tiny model's activations are ~0.1 in norm, and a strongly regularised probe
     # tends to the (centred) mean difference
-    got = {m: V.compute_caa(tiny, tokenizer, PAIRS, [2], "s", method=m, logistic_c=100.0).vectors[2]
-           for m in V.METHODS}  # fmt: skip
-    for a in V.METHODS:
-        for b in V.METHODS:
+    got = {m: directions.compute_caa(tiny, tokenizer, PAIRS, [2], "s", method=m, logistic_c=100.0).vectors[2]
+           for m in directions.METHODS}  # fmt: skip
+    for a in directions.METHODS:
+        for b in directions.METHODS:
             if a < b:
                 assert not torch.allclose(got[a], got[b], rtol=1e-3, atol=1e-4), (a, b)
-    with pytest.raises(V.VectorError, match="at least 2 pairs"):
-        V.compute_caa(tiny, tokenizer, PAIRS[:1], [2], "s", method="pca_diff")
-    with pytest.raises(V.VectorError, match="use one of mean_diff"):
-        V.compute_caa(tiny, tokenizer, PAIRS, [2], "s", method="ica")
+    with pytest.raises(errors.VectorError, match="at least 2 pairs"):
+        directions.compute_caa(tiny, tokenizer, PAIRS[:1], [2], "s", method="pca_diff")
+    with pytest.raises(errors.VectorError, match="use one of mean_diff"):
+        directions.compute_caa(tiny, tokenizer, PAIRS, [2], "s", method="ica")
 
 
 @pytest.mark.parametrize("read_at", ["last", "answer", "answer_mean"])
 def test_every_method_works_at_every_reading_position(tiny, tokenizer, read_at):
-    for m in V.METHODS:
-        vs = V.compute_caa(tiny, tokenizer, PAIRS[:4], [1], "s", method=m, read_at=read_at, chat_template=True)
+    for m in directions.METHODS:
+        vs = directions.compute_caa(tiny, tokenizer, PAIRS[:4], [1], "s", method=m, read_at=read_at, chat_template=True)
         assert torch.isfinite(vs.vectors[1]).all() and vs.meta["read_at"] == read_at and vs.method == m
 
 
@@ -396,16 +401,18 @@ def test_each_method_moves_sentiment_behavior_on_the_embedded_model(real_model, 
     items = load_behavior_items("sentiment_continuations")[:32]
     enc = encode_behavior_items(tokenizer, items, "continuation", False)
     layer, alphas, modes = 10, (-1.0, 0.0, 1.0), ("add", "ablate_add", "norm_preserving")
-    vecs = {m: V.compute_caa(real_model, tokenizer, pairs, [layer], "sentiment", method=m).vectors[layer]
-            for m in V.METHODS}  # fmt: skip
-    keys = [(m, mode, a) for m in V.METHODS for mode in modes for a in alphas] + [(m, "ablate", 1.0) for m in V.METHODS]
+    vecs = {m: directions.compute_caa(real_model, tokenizer, pairs, [layer], "sentiment", method=m).vectors[layer]
+            for m in directions.METHODS}  # fmt: skip
+    keys = [(m, mode, a) for m in directions.METHODS for mode in modes for a in alphas] + [
+        (m, "ablate", 1.0) for m in directions.METHODS
+    ]
     res = behavior_probs(real_model, enc, [(layer, a, vecs[m], mode) for m, mode, a in keys], pad_id_of(tokenizer))
     p = {k: r[0] for k, r in zip(keys, res, strict=True)}
     md = vecs["mean_diff"]
-    cos = {m: float(torch.nn.functional.cosine_similarity(vecs[m], md, dim=0)) for m in V.METHODS}
+    cos = {m: float(torch.nn.functional.cosine_similarity(vecs[m], md, dim=0)) for m in directions.METHODS}
     with capsys.disabled():
         print(f"\nbehavior_prob, layer {layer}, alphas {alphas} (ablate: alpha 1); cosine with mean_diff")
-        for m in V.METHODS:
+        for m in directions.METHODS:
             for mode in (*modes, "ablate"):
                 ps = [p[(m, mode, a)] for a in alphas if (m, mode, a) in p]
                 print(f"  {m:10s} {mode:15s} " + "  ".join(f"{x:.3f}" for x in ps) + f"   cos {cos[m]:.3f}")
@@ -429,8 +436,8 @@ def test_method_mode_and_positions_are_part_of_the_identity():
 
     from hydra import compose, initialize_config_dir
 
-    from steersweep.config import register_configs
-    from steersweep.plan import identity, identity_hash
+    from steersweep.core.config import register_configs
+    from steersweep.runs.identity import identity, identity_hash
 
     register_configs()
     conf = Path(__file__).resolve().parents[1] / "conf"
@@ -450,8 +457,8 @@ def test_a_sweep_generates_in_its_configured_mode(tiny, tokenizer, embedded_dir,
     import pandas as pd
 
     import steersweep as ss
-    from steersweep.encoding import encode_prompts
-    from steersweep.vectors import load
+    from steersweep.inputs.encoding import encode_prompts
+    from steersweep.steering.vectorset import load
 
     model_dir = tiny_checkpoint(tmp_path / "tiny model", embedded_dir, tiny)
     common = [f"model.path={model_dir}", "model.num_hidden_layers=4", "model.dtype=float32", "prompts.limit=2",
@@ -548,9 +555,9 @@ def test_generation_with_layer_sets_equals_single_rows(tiny, tokenizer):
 
 def test_several_methods_from_one_pass_equal_each_method_alone(tiny, tokenizer):
     pairs = load_pairs("sentiment_pairs")[:8]
-    together = V.compute_methods(tiny, tokenizer, pairs, [1, 3], "c", ["logistic", "mean_diff", "pca_diff"])
+    together = directions.compute_methods(tiny, tokenizer, pairs, [1, 3], "c", ["logistic", "mean_diff", "pca_diff"])
     for method, vs in together.items():
-        alone = V.compute_caa(tiny, tokenizer, pairs, [1, 3], "c", method=method)
+        alone = directions.compute_caa(tiny, tokenizer, pairs, [1, 3], "c", method=method)
         assert vs.method == method
         for layer in (1, 3):
             assert torch.equal(vs.vectors[layer], alone.vectors[layer]), (method, layer)
@@ -570,7 +577,7 @@ def grid(**steering):
 
 
 def test_the_grid_has_every_method_mode_and_layer_set_once():
-    from steersweep.plan import cell_key, expand, layer_sets
+    from steersweep.runs.grid import cell_key, expand, layer_sets
 
     prompts = [{"id": "p0", "prompt": "a"}, {"id": "p1", "prompt": "b"}]
     cfg = grid(layers=[1, [1, 3], "all"], mode=["add", "ablate"])
@@ -610,9 +617,9 @@ def test_a_sweep_over_methods_modes_and_layer_sets(tiny, tokenizer, embedded_dir
     import pandas as pd
 
     import steersweep as ss
-    from steersweep.encoding import encode_prompts
-    from steersweep.results import RunFolder
-    from steersweep.vectors import load
+    from steersweep.inputs.encoding import encode_prompts
+    from steersweep.runs.folder import RunFolder
+    from steersweep.steering.vectorset import load
 
     model_dir = tiny_checkpoint(tmp_path / "tiny model", embedded_dir, tiny)
     over = [f"model.path={model_dir}", "model.num_hidden_layers=4", "model.dtype=float32", "prompts.limit=2",
@@ -676,8 +683,8 @@ def test_two_concepts_in_one_run_from_datasets_and_from_files(tiny, tokenizer, e
     import pandas as pd
 
     import steersweep as ss
-    from steersweep.encoding import encode_prompts
-    from steersweep.vectors import load
+    from steersweep.inputs.encoding import encode_prompts
+    from steersweep.steering.vectorset import load
 
     pairs = tmp_path / "formal.jsonl"
     pairs.write_text("".join(json.dumps({"positive": a, "negative": b}) + "\n" for a, b in FORMAL))
@@ -711,8 +718,10 @@ def test_two_concepts_in_one_run_from_datasets_and_from_files(tiny, tokenizer, e
     # each concept's rows are scored on its own items: alpha 0 is the same model, other items
     base = df[df.alpha == 0].groupby("concept").behavior_prob.first()
     assert base["sentiment"] != base["formal"]
-    from steersweep.data import load_behavior_items
-    from steersweep.metrics import behavior_probs, encode_behavior_items, pad_id_of
+    from steersweep.scoring.encoding import pad_id_of
+
+    from steersweep.inputs.datasets import load_behavior_items
+    from steersweep.scoring.behavior import behavior_probs, encode_behavior_items
 
     enc = encode_behavior_items(tokenizer, load_behavior_items(str(items)), "continuation", True)
     want = behavior_probs(tiny, enc, [(2, 0.0, vsets["formal"].vectors[2])], pad_id_of(tokenizer))[0][0]
@@ -742,7 +751,7 @@ def test_a_multi_axis_grid_resumes_without_rescoring(tiny, embedded_dir, tmp_pat
     import pandas as pd
 
     import steersweep as ss
-    from steersweep.results import RunFolder
+    from steersweep.runs.folder import RunFolder
 
     model_dir = tiny_checkpoint(tmp_path / "tiny model", embedded_dir, tiny)
     over = [f"model.path={model_dir}", "model.num_hidden_layers=4", "model.dtype=float32", "prompts.limit=2",

@@ -14,7 +14,8 @@ import pytest
 import torch
 from conftest import ROOT, tiny_checkpoint
 
-from steersweep import vectors as V
+from steersweep.core import errors
+from steersweep.steering import vectorset
 
 
 def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -71,7 +72,7 @@ def test_plan_and_refused_input_leave_no_folder(tmp_path):
 
 
 def test_no_watchdog_line_unless_the_limit_was_chosen(tiny_cli_run, capfd):
-    from steersweep.runtime import watchdog
+    from steersweep.core.runtime import watchdog
 
     r, _, _ = tiny_cli_run
     assert "[watchdog]" not in r.stderr + r.stdout  # the default 3600 s load limit is not news
@@ -92,7 +93,7 @@ def test_vectors_file_follows_the_umask_like_the_rest(tiny_cli_run):
 def test_atomic_writer_applies_the_umask_to_private_writers(tmp_path):
     from safetensors.torch import save_file
 
-    from steersweep.fileio import atomic_write_bytes
+    from steersweep.core.fileio import atomic_write_bytes
 
     old = os.umask(0o027)
     try:
@@ -103,7 +104,7 @@ def test_atomic_writer_applies_the_umask_to_private_writers(tmp_path):
 
 
 def test_embedded_checkpoint_left_private_by_an_older_conversion_is_made_readable(tmp_path):
-    from steersweep.embedded import STAMP, prepare
+    from steersweep.model.embedded import STAMP, prepare
 
     done = tmp_path / "model"
     done.mkdir()
@@ -123,7 +124,7 @@ def test_embedded_checkpoint_left_private_by_an_older_conversion_is_made_readabl
 
 @pytest.mark.slow
 def test_embedded_conversion_writes_shards_others_can_read(tmp_path):
-    from steersweep.embedded import prepare
+    from steersweep.model.embedded import prepare
 
     old = os.umask(0o027)
     try:
@@ -173,8 +174,8 @@ def test_pickle_refusal_is_ours(tmp_path):
             return (os.system, ("echo pwned",))
 
     torch.save({"layer.1": Evil()}, tmp_path / "v.pt")
-    with pytest.raises(V.VectorError) as e:
-        V.load(tmp_path / "v.pt")
+    with pytest.raises(errors.VectorError) as e:
+        vectorset.load(tmp_path / "v.pt")
     msg = str(e.value)
     assert "\n" not in msg and "False" not in msg and "trusted source" not in msg, msg
     assert re.fullmatch(
@@ -189,17 +190,17 @@ def test_pickle_refusal_is_ours(tmp_path):
 
 
 def test_gguf_round_trip_keeps_concept_norms_and_ids(tmp_path):
-    vs = V.VectorSet(
+    vs = vectorset.VectorSet(
         {3: torch.randn(32), 7: torch.randn(32)}, "joy", {"model": "tiny", "method": "pca_diff"}, {3: 1.5, 7: 2.25}
     )
-    V.save(vs, tmp_path / "v.safetensors")
+    vectorset.save(vs, tmp_path / "v.safetensors")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     for args in (["export", "v.safetensors", "some name.gguf"], ["import", "some name.gguf", "back.safetensors"]):
-        r = subprocess.run([sys.executable, "-m", "steersweep.exchange", *args], cwd=tmp_path, env=env,
+        r = subprocess.run([sys.executable, "-m", "steersweep.steering.exchange", *args], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=300)  # fmt: skip
         assert r.returncode == 0, r.stderr
     for path in (tmp_path / "some name.gguf", tmp_path / "back.safetensors"):
-        back = V.load(path)
+        back = vectorset.load(path)
         assert back.concept == "joy" and back.resid_norms == {3: 1.5, 7: 2.25} and back.method == "pca_diff"
         assert [back.vector_id(k) for k in (3, 7)] == [vs.vector_id(3), vs.vector_id(7)]
         assert back.meta["model"] == "tiny"
@@ -207,7 +208,10 @@ def test_gguf_round_trip_keeps_concept_norms_and_ids(tmp_path):
 
 def test_readme_documents_the_exchange_and_help():
     readme = (ROOT / "README.md").read_text()
-    assert "python -m steersweep.exchange export" in readme and "python -m steersweep.exchange import" in readme
+    assert (
+        "python -m steersweep.steering.exchange export" in readme
+        and "python -m steersweep.steering.exchange import" in readme
+    )
     assert "python run_experiment.py --help" in readme and "report/index.html" in readme
     out = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
     assert "task=plan" in out and "task=status" in out and "task=report" in out and "--help" in out
@@ -222,8 +226,8 @@ def test_help_lists_tasks_and_groups(tmp_path):
 
 
 def test_behavior_prob_interval_is_across_items(tmp_path):
-    from steersweep.reporting import write_report
-    from steersweep.results import RunFolder
+    from steersweep.report.write import write_report
+    from steersweep.runs.folder import RunFolder
 
     folder = RunFolder(tmp_path / "run")
     folder.create()

@@ -7,7 +7,7 @@ import sys
 
 from test_config import make
 
-from steersweep.app import plan
+from steersweep.pipeline.tasks import plan
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def test_plan_cli_runs_without_weights():
 
 def test_plan_names_the_grid_axes_and_their_cells(capsys):
     """task=plan says what the grid is before anything runs: every axis with more than one value."""
-    from steersweep.app import plan
+    from steersweep.pipeline.tasks import plan
 
     cfg = make("task=plan", "memory.plan_hardware=[1x24GiB]", "steering.layers=[10,[10,14],all]",
                "vectors.method=[mean_diff,logistic]", "steering.mode=[add,ablate]", "steering.alphas=[0,1]",

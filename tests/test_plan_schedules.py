@@ -17,8 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from steersweep.plan import claim_plan, deal, expand, identity_hash, todo
-from steersweep.results import RunFolder
+from steersweep.runs.folder import RunFolder
+from steersweep.runs.grid import deal, expand, todo
+from steersweep.runs.identity import identity_hash
+from steersweep.runs.planfile import claim_plan
 
 
 def grid_cfg(layers, alphas, samples, batch_size):

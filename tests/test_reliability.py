@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from steersweep.reliability import most_steerable, steerability
+from steersweep.scoring.reliability import most_steerable, steerability
 
 
 def item_table(seed: int = 0) -> pd.DataFrame:

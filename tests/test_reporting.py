@@ -12,16 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from steersweep.config import ReportConfig
-from steersweep.reporting import (
-    best_cell,
-    best_per_variant,
-    first_alpha_reaching,
-    layer_order,
-    pivot_text,
-    summarize,
-    write_report,
-)
+from steersweep.core.config import ReportConfig
+from steersweep.report.best import best_cell, best_per_variant, first_alpha_reaching
+from steersweep.report.tables import layer_order, pivot_text, summarize
+from steersweep.report.write import write_report
 
 METHODS = ("mean_diff", "pca_diff")
 MODES = ("add", "ablate_add")
@@ -264,8 +258,8 @@ def test_task_report_prints_the_page(tmp_path, capsys):
     """`task=report` (with a run compared) says where index.html, the report's front page, is."""
     from hydra import compose, initialize_config_dir
 
-    from steersweep.app import run
-    from steersweep.config import register_configs
+    from steersweep.core.config import register_configs
+    from steersweep.pipeline.tasks import run
 
     one = variant_table()
     a, b = tmp_path / "run a", tmp_path / "run b"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from steersweep.results import FIXED, RunFolder, scrub
+from steersweep.runs.folder import FIXED, RunFolder, scrub
 
 
 def row(cid, layer=1, alpha=0.0, **kw):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from steersweep import loading
-from steersweep.runtime import cpu_budget, memory_limit
+from steersweep.core.runtime import cpu_budget, memory_limit
+from steersweep.model import placement as loading
 
 GiB = 2**30
 V1_UNLIMITED = "9223372036854771712"
@@ -147,7 +147,7 @@ def test_auto_budget_without_limit_is_ram(tmp_path):
 def test_explicit_size_above_limit_is_capped_with_warning(tmp_path, caplog):
     proc = fake_proc(tmp_path, "", rss_kib=1024 * 1024)
     env = {"SLURM_MEM_PER_CPU": "2048", "SLURM_CPUS_ON_NODE": "2"}  # 4 GiB
-    with caplog.at_level(logging.WARNING, logger="steersweep.runtime"):
+    with caplog.at_level(logging.WARNING, logger="steersweep.core.runtime"):
         got, why = cpu_budget("150GiB", proc, tmp_path / "nothing", environ=env)
     assert got == int(0.9 * 3 * GiB)
     assert "capped" in why and "SLURM_MEM_PER_CPU" in why
@@ -157,7 +157,7 @@ def test_explicit_size_above_limit_is_capped_with_warning(tmp_path, caplog):
 def test_explicit_size_within_limit_and_zero(tmp_path, caplog):
     proc = fake_proc(tmp_path, "")
     env = {"SLURM_MEM_PER_NODE": str(16 * 1024)}
-    with caplog.at_level(logging.WARNING, logger="steersweep.runtime"):
+    with caplog.at_level(logging.WARNING, logger="steersweep.core.runtime"):
         assert cpu_budget("2GiB", proc, tmp_path / "nothing", environ=env)[0] == 2 * GiB
         assert cpu_budget("0", proc, tmp_path / "nothing", environ=env) == (0, "memory.cpu=0: no CPU spill")
     assert not caplog.records
@@ -170,7 +170,7 @@ def test_limit_below_rss_gives_no_cpu_budget(tmp_path):
 
 
 def test_max_memory_uses_the_job_limit(monkeypatch):
-    from steersweep.config import MemoryConfig
+    from steersweep.core.config import MemoryConfig
 
     monkeypatch.setenv("SLURM_MEM_PER_NODE", "1024")
     monkeypatch.delenv("SLURM_MEM_PER_CPU", raising=False)

@@ -14,11 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from steersweep.config import GenerationConfig
-from steersweep.encoding import model_inputs
-from steersweep.generation import generate_rows
-from steersweep.hooks import get_layers, row_deltas, shared_trunk, steer
-from steersweep.metrics import behavior_probs, encode_behavior_items, next_token_kl, perplexities, score_tails
+from steersweep.core.config import GenerationConfig
+from steersweep.inputs.encoding import model_inputs
+from steersweep.scoring.behavior import behavior_probs, encode_behavior_items
+from steersweep.scoring.metrics import next_token_kl, perplexities, score_tails
+from steersweep.steering.generation import generate_rows
+from steersweep.steering.layers import get_layers
+from steersweep.steering.rows import row_deltas, steer
+from steersweep.steering.trunk import shared_trunk
 
 PROMPTS = ["Tell me about your weekend.", "Describe the sea.", "Hi"]
 
@@ -111,7 +114,7 @@ def test_scoring_shares_the_prompt_pass_and_equals_the_unshared_batch(tokenizer,
     """behaviour log-probs and next-token KL: settings x items in one batch with sharing equal, bit
     for bit, the same batch without it, and within float32 rounding each row scored alone (alone, a
     row has no padding: sdpa runs unmasked, which moves the last digit before and after sharing)."""
-    import steersweep.generation as G
+    from steersweep.steering import generation as G
 
     model = tiny_llama(layers=6)
     v = {layer: torch.randn(32) * 2 for layer in range(6)}
@@ -226,7 +229,7 @@ def effect(part: tuple) -> tuple | None:
 def test_trunk_classes_are_the_rows_alike_so_far(batch):
     """Two rows share a class entering layer l exactly when they have the same input and steer
     alike on every layer before l; after the last layer every row is its own."""
-    from steersweep.hooks import Trunk
+    from steersweep.steering.trunk import Trunk
 
     n_layers = 5
     inputs = [prompt for prompt, _ in batch]

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from steersweep import vectors as V
+from steersweep.core import errors
+from steersweep.steering import directions, vectorset
 
 
 def test_caa_equals_independent_mean_difference(tiny, tokenizer):
@@ -17,7 +18,7 @@ def test_caa_equals_independent_mean_difference(tiny, tokenizer):
         {"positive": "Great food, happy people", "negative": "Bad food and sad, angry people everywhere"},
         {"positive": "Joy", "negative": "Misery and pain"},
     ]
-    vs = V.compute_caa(tiny, tokenizer, pairs, [1, 2], "sentiment", batch_size=2)
+    vs = directions.compute_caa(tiny, tokenizer, pairs, [1, 2], "sentiment", batch_size=2)
     # hidden_states[L + 1] is the output of layer L, except the last layer's (final norm applied)
     for layer in (1, 2):
         acc = {"positive": [], "negative": []}
@@ -56,10 +57,12 @@ def caa_file(path):
 def test_caa_file_vector_equals_independent_answer_letter_computation(tiny, tokenizer, tmp_path, chat):
     """The paper's way: activation at the answer letter of question + "(A" minus that of "(B"
     (matching minus not matching), with the chat template applied exactly once."""
-    from steersweep.data import load_pairs
+    from steersweep.inputs.datasets import load_pairs
 
     pairs = load_pairs(str(caa_file(tmp_path / "caa.json")))
-    vs = V.compute_caa(tiny, tokenizer, pairs, [1, 2], "refusal", batch_size=2, chat_template=chat, read_at="answer")
+    vs = directions.compute_caa(
+        tiny, tokenizer, pairs, [1, 2], "refusal", batch_size=2, chat_template=chat, read_at="answer"
+    )
     for layer in (1, 2):
         acc = {"match": [], "other": []}
         for item in CAA_ITEMS:
@@ -84,8 +87,8 @@ def test_chat_template_text_pairs_read_the_text_not_the_closing_tokens(tiny, tok
     """With the chat template, position -1 is the template's end-of-turn token, the same for every
     example: `read_at=answer` reads the text's own last token instead."""
     pairs = [{"positive": "I love it", "negative": "I hate it"}, {"positive": "Joy", "negative": "Misery"}]
-    last = V.compute_caa(tiny, tokenizer, pairs, [1], "s", chat_template=True, read_at="last")
-    own = V.compute_caa(tiny, tokenizer, pairs, [1], "s", chat_template=True, read_at="answer")
+    last = directions.compute_caa(tiny, tokenizer, pairs, [1], "s", chat_template=True, read_at="last")
+    own = directions.compute_caa(tiny, tokenizer, pairs, [1], "s", chat_template=True, read_at="answer")
     for p in pairs:
         text = tokenizer.apply_chat_template([{"role": "user", "content": p["positive"]}], tokenize=False)
         assert text.count(p["positive"]) == 1
@@ -107,9 +110,9 @@ def test_chat_template_text_pairs_read_the_text_not_the_closing_tokens(tiny, tok
 
 
 def test_safetensors_round_trip(tmp_path):
-    vs = V.VectorSet({2: torch.randn(32), 5: torch.randn(32)}, "joy", {"model": "tiny"}, {2: 3.5, 5: 4.0})
-    p = V.save(vs, tmp_path / "v.safetensors")
-    back = V.load(p)
+    vs = vectorset.VectorSet({2: torch.randn(32), 5: torch.randn(32)}, "joy", {"model": "tiny"}, {2: 3.5, 5: 4.0})
+    p = vectorset.save(vs, tmp_path / "v.safetensors")
+    back = vectorset.load(p)
     assert back.concept == "joy" and back.resid_norms == {2: 3.5, 5: 4.0}
     for layer in (2, 5):
         assert torch.equal(back.vectors[layer], vs.vectors[layer])
@@ -119,7 +122,7 @@ def test_safetensors_round_trip(tmp_path):
 def test_transformerlens_pt_keys(tmp_path):
     a, b = torch.randn(32), torch.randn(32)
     torch.save({"blocks.3.hook_resid_post": a, "blocks.2.hook_resid_pre": b}, tmp_path / "tl.pt")
-    vs = V.load(tmp_path / "tl.pt")
+    vs = vectorset.load(tmp_path / "tl.pt")
     assert torch.equal(vs.vectors[3], a)
     assert torch.equal(vs.vectors[1], b)  # resid_pre of block 2 is the output of layer 1
 
@@ -135,47 +138,47 @@ def test_pt_with_code_is_refused(tmp_path):
     p = tmp_path / "evil.pt"
     with open(p, "wb") as f:
         pickle.dump({"blocks.1.hook_resid_post": Evil()}, f)
-    with pytest.raises(V.VectorError, match="weights_only=True"):
-        V.load(p)
+    with pytest.raises(errors.VectorError, match="weights_only=True"):
+        vectorset.load(p)
 
 
 def test_validation_errors(tmp_path):
-    with pytest.raises(V.VectorError, match="hidden size is 32"):
-        V.VectorSet({1: torch.randn(16)}).validate(32, 4)
+    with pytest.raises(errors.VectorError, match="hidden size is 32"):
+        vectorset.VectorSet({1: torch.randn(16)}).validate(32, 4)
     bad = torch.randn(32)
     bad[3] = float("nan")
-    with pytest.raises(V.VectorError, match="NaN"):
-        V.VectorSet({1: bad}).validate(32, 4)
-    with pytest.raises(V.VectorError, match=r"no vector for layer\(s\) \[2\]"):
-        V.VectorSet({1: torch.randn(32)}).validate(32, 4, [1, 2])
-    with pytest.raises(V.VectorError, match="has 4 layers"):
-        V.VectorSet({9: torch.randn(32)}).validate(32, 4)
+    with pytest.raises(errors.VectorError, match="NaN"):
+        vectorset.VectorSet({1: bad}).validate(32, 4)
+    with pytest.raises(errors.VectorError, match=r"no vector for layer\(s\) \[2\]"):
+        vectorset.VectorSet({1: torch.randn(32)}).validate(32, 4, [1, 2])
+    with pytest.raises(errors.VectorError, match="has 4 layers"):
+        vectorset.VectorSet({9: torch.randn(32)}).validate(32, 4)
 
 
 def test_truncated_and_missing_files(tmp_path):
     p = tmp_path / "v.safetensors"
     save_file({"layer.1": torch.randn(32)}, str(p))
     p.write_bytes(p.read_bytes()[:40])
-    with pytest.raises(V.VectorError, match="cannot read safetensors"):
-        V.load(p)
-    with pytest.raises(V.VectorError, match="not found"):
-        V.load(tmp_path / "nope.safetensors")
-    with pytest.raises(V.VectorError, match="unsupported"):
+    with pytest.raises(errors.VectorError, match="cannot read safetensors"):
+        vectorset.load(p)
+    with pytest.raises(errors.VectorError, match="not found"):
+        vectorset.load(tmp_path / "nope.safetensors")
+    with pytest.raises(errors.VectorError, match="unsupported"):
         (tmp_path / "v.npy").write_bytes(b"x")
-        V.load(tmp_path / "v.npy")
+        vectorset.load(tmp_path / "v.npy")
 
 
 def test_gguf_control_vector_round_trip_is_exact(tmp_path):
     from gguf import GGUFReader
 
-    from steersweep.exchange import write_control_vector
+    from steersweep.steering.exchange import write_control_vector
 
-    vs = V.VectorSet({3: torch.randn(32), 7: torch.randn(32) * 1e-3}, "joy", {"model": "tiny"})
+    vs = vectorset.VectorSet({3: torch.randn(32), 7: torch.randn(32) * 1e-3}, "joy", {"model": "tiny"})
     p = write_control_vector(vs.vectors, tmp_path / "joy.gguf", "tiny")
     r = GGUFReader(str(p))
     assert bytes(r.fields["general.architecture"].parts[-1]).decode() == "controlvector"
     assert sorted(t.name for t in r.tensors) == ["direction.3", "direction.7"]
-    back = V.load(p)
+    back = vectorset.load(p)
     assert set(back.vectors) == {3, 7}
     for layer in (3, 7):
         assert torch.equal(back.vectors[layer], vs.vectors[layer])

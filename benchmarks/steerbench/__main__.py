@@ -87,10 +87,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     quiet()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from steersweep import loading
-    from steersweep.data import load_prompts
-    from steersweep.embedded import DEFAULT_MODEL_DIR, prepare
-    from steersweep.loading import torch_dtype
+    from steersweep.inputs.datasets import load_prompts
+    from steersweep.model import loading
+    from steersweep.model.dtypes import torch_dtype
+    from steersweep.model.embedded import DEFAULT_MODEL_DIR, prepare
 
     # Bad input and a missing library fail here, before anything expensive.
     try:

@@ -164,6 +164,6 @@ def prefill_flops(model, layer_rows: int, rows: int, width: int) -> float:
 
 def kv_cache_bytes(model, rows: int, seq_len: int) -> int:
     """KV cache of `rows` rows of `seq_len` tokens in the model's dtype (steersweep.memory's formula)."""
-    from steersweep.memory import kv_bytes_per_token
+    from steersweep.model.memory import kv_bytes_per_token
 
     return kv_bytes_per_token(model.config, next(model.parameters()).element_size()) * rows * seq_len

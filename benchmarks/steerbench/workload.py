@@ -102,7 +102,8 @@ class Workload:
     def prefill_layer_rows(self, group: list[int], n_layers: int) -> int:
         """Decoder-layer rows the prompt pass of `group` computes in generate_rows: its distinct rows,
         each layer once per distinct state entering it (`steersweep.hooks.Trunk`)."""
-        from steersweep.hooks import Trunk, row_deltas
+        from steersweep.steering.rows import row_deltas
+        from steersweep.steering.trunk import Trunk
 
         rows: dict[tuple, int] = {}  # distinct rows, as generate_rows dedupes them
         for i in group:
@@ -141,8 +142,8 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device):
 
 def sentiment_vectors(model, tok, layers: list[int]) -> dict[int, torch.Tensor]:
     """Mean-difference (CAA) sentiment vectors from the shipped pairs, one per layer."""
-    from steersweep.data import load_pairs
-    from steersweep.vectors import compute_caa
+    from steersweep.inputs.datasets import load_pairs
+    from steersweep.steering.directions import compute_caa
 
     return dict(compute_caa(model, tok, load_pairs("sentiment_pairs"), sorted(set(layers)), "sentiment").vectors)
 
@@ -154,8 +155,8 @@ def build(
     """Every (layer, alpha, prompt) cell; sampled cells get seeds seed, seed+1, ..."""
     from omegaconf import OmegaConf
 
-    from steersweep.config import GenerationConfig
-    from steersweep.encoding import encode_prompts
+    from steersweep.core.config import GenerationConfig
+    from steersweep.inputs.encoding import encode_prompts
 
     gen = OmegaConf.structured(GenerationConfig(max_new_tokens=tokens))
     prompt_ids = encode_prompts(tok, prompts, gen)
@@ -168,7 +169,7 @@ def generation_config(w: Workload, tokens: int | None = None):
     """The GenerationConfig generate_rows gets for this workload."""
     from omegaconf import OmegaConf
 
-    from steersweep.config import GenerationConfig
+    from steersweep.core.config import GenerationConfig
 
     cfg = GenerationConfig(max_new_tokens=tokens or w.tokens, do_sample=w.sampled, temperature=1.0, top_p=1.0)
     return OmegaConf.structured(cfg)

@@ -10,60 +10,49 @@ From Python (the CLI's code path; see `steersweep.api`):
     with ss.steering(model, vectors, layer=14, alpha=4.0):   # your own generate, steered
         model.generate(...)
 
-The names below are imported on first use, so `import steersweep` stays cheap (no torch).
-Tables and plots are written by `steersweep.reporting`; `steersweep.report(...)` is the API's front door.
+The API's names are imported on first use, so `import steersweep` stays cheap (no torch); the
+exceptions are imported at once (`steersweep.core.errors`, no torch). The package's stages, in the
+order data flows: core, inputs, steering, model, runs, scoring, report, pipeline; api sits on top.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from .api import (
-        Loaded,
-        Report,
-        Sweep,
-        behavior_prob,
-        compose_config,
-        compute_vectors,
-        load,
-        steer,
-        steerability,
-        steering,
-    )
-    from .data import DatasetError
-    from .errors import SteersweepError
-    from .generation import PromptError
-    from .hooks import LayerLookupError
-    from .loading import LoadError
-    from .plan import PlanError
-    from .results import ResultsError
-    from .validate import ConfigError
-    from .vectors import VectorError, VectorSet
+from steersweep.core.errors import (
+    ConfigError,
+    DatasetError,
+    LayerLookupError,
+    LoadError,
+    PlanError,
+    PromptError,
+    ResultsError,
+    SteersweepError,
+    VectorError,
+)
 
+if TYPE_CHECKING:
+    from steersweep.api.compose import Loaded, compose_config, load
+    from steersweep.api.report import Report, report
+    from steersweep.api.scores import behavior_prob, steerability
+    from steersweep.api.steer import compute_vectors, steer, steering
+    from steersweep.api.sweep import Sweep
+    from steersweep.steering.vectorset import VectorSet
+
+# the public API, imported on first use (these import torch)
 _LAZY = {
-    "Loaded": "api",
-    "Report": "api",
-    "Sweep": "api",
-    "behavior_prob": "api",
-    "compose_config": "api",
-    "compute_vectors": "api",
-    "load": "api",
-    "report": "api",
-    "steer": "api",
-    "steerability": "api",
-    "steering": "api",
-    "VectorSet": "vectors",
-    # exceptions: every one the package raises on purpose is a SteersweepError
-    "SteersweepError": "errors",
-    "ConfigError": "validate",
-    "DatasetError": "data",
-    "LayerLookupError": "hooks",
-    "LoadError": "loading",
-    "PlanError": "plan",
-    "PromptError": "generation",
-    "ResultsError": "results",
-    "VectorError": "vectors",
+    "Loaded": "api.compose",
+    "compose_config": "api.compose",
+    "load": "api.compose",
+    "Report": "api.report",
+    "report": "api.report",
+    "Sweep": "api.sweep",
+    "behavior_prob": "api.scores",
+    "steerability": "api.scores",
+    "compute_vectors": "api.steer",
+    "steer": "api.steer",
+    "steering": "api.steer",
+    "VectorSet": "steering.vectorset",
 }
 
 __all__ = [

@@ -23,11 +23,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from .app import USER_ERRORS, run
-from .cli import precheck
-from .config import register_configs
-from .paths import CONF_DIR
-from .runlog import RunLog
+from steersweep.core.config import register_configs
+from steersweep.core.errors import USER_ERRORS
+from steersweep.core.paths import CONF_DIR
+from steersweep.pipeline.cli import precheck
+from steersweep.pipeline.runlog import RunLog
+from steersweep.pipeline.tasks import run
 
 log = logging.getLogger("steersweep")
 
