@@ -23,15 +23,15 @@ import steersweep as ss
 from steersweep.api import compose, report
 from steersweep.core.config import GenerationConfig
 from steersweep.core.errors import USER_ERRORS, ConfigError, VectorError
+from steersweep.generation.decode import generate_rows
+from steersweep.hooks.layers import get_layers
 from steersweep.inputs.datasets import load_behavior_items, load_pairs, load_prompts
-from steersweep.inputs.encoding import encode_prompts
+from steersweep.inputs.encoding import encode_prompts, pad_id_of
 from steersweep.runs.folder import table_from_rows
 from steersweep.runs.identity import folder_for, identity, identity_hash
-from steersweep.scoring import behavior, metrics
-from steersweep.steering.directions import compute_caa
-from steersweep.steering.generation import generate_rows
-from steersweep.steering.layers import get_layers
-from steersweep.steering.vectorset import VectorSet
+from steersweep.scoring import behavior
+from steersweep.vectors.directions import compute_caa
+from steersweep.vectors.vectorset import VectorSet
 
 ROOT = Path(__file__).resolve().parents[1]
 # the README's sweeps cut below experiment=quick size (2 prompts, 8 tokens, 8 behaviour items)
@@ -133,7 +133,7 @@ def results_frame(run_id: str = "toy-1234") -> pd.DataFrame:
 
 
 def test_report_of_a_dataframe_writes_what_task_report_writes(tmp_path, capsys):
-    from steersweep.report.write import write_report
+    from steersweep.reporting.write import write_report
 
     df = results_frame()
     ref = tmp_path / "toy-1234"
@@ -215,7 +215,7 @@ def test_steer_is_generate_rows_with_per_row_settings(tiny, tokenizer):
 
 def own_generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     """A notebook's own `generate` call on the prompts `steer` encodes (chat template, left padding)."""
-    from steersweep.steering.generation import left_pad
+    from steersweep.generation.decode import left_pad
 
     pad = tokenizer.pad_token_id
     ids, mask = left_pad(encode_prompts(tokenizer, prompts, GenerationConfig(max_new_tokens=6)), pad)
@@ -274,7 +274,7 @@ def test_steering_removes_its_hooks_and_refuses_what_it_cannot_do(tiny, tokenize
 
 def test_steer_backs_off_on_out_of_memory(tiny, tokenizer, monkeypatch):
     """A batch that does not fit is halved and retried: same completions, in order, none lost."""
-    from steersweep.steering import generation as G
+    from steersweep.generation import decode as G
 
     v = {1: torch.randn(32) * 4}
     want = ss.steer(tiny, tokenizer, PROMPTS, 1, 2.0, v, 5)
@@ -296,7 +296,7 @@ def test_behavior_prob_is_the_metric(tiny, tokenizer):
     v = torch.randn(32) * 4
     got = ss.behavior_prob(tiny, tokenizer, items, 2, 3.0, {2: v})
     enc = behavior.encode_behavior_items(tokenizer, items, "continuation", True)
-    ref = behavior.behavior_probs(tiny, enc, [(2, 3.0, v)], metrics.pad_id_of(tokenizer))[0][0]
+    ref = behavior.behavior_probs(tiny, enc, [(2, 3.0, v)], pad_id_of(tokenizer))[0][0]
     assert got == ref and 0 < got < 1
     assert ss.behavior_prob(tiny, tokenizer, "sentiment_continuations", 2, 3.0, v, limit=6) == got
     base = ss.behavior_prob(tiny, tokenizer, items, 1, 0.0, v)

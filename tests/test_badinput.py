@@ -28,7 +28,7 @@ from steersweep.core.config import register_configs
 from steersweep.core.errors import USER_ERRORS, ConfigError, ResultsError
 from steersweep.pipeline.validate import validate_static
 from steersweep.runs.folder import RunFolder
-from steersweep.steering.vectorset import VectorSet, save
+from steersweep.vectors.vectorset import VectorSet, save
 
 pytestmark = pytest.mark.badinput
 
@@ -378,7 +378,7 @@ def test_layer_list_not_found(tmp_path, no_weights):
 def test_layer_list_not_found_by_autodetection():
     """An architecture whose layer list is in none of the known places (the hook-side check)."""
     from steersweep.core.errors import LayerLookupError
-    from steersweep.steering.layers import get_layers
+    from steersweep.hooks.layers import get_layers
 
     with pytest.raises(LayerLookupError) as ei:
         get_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))

@@ -431,7 +431,7 @@ def test_sweep_on_a_caa_file_names_what_it_steers(tiny, embedded_dir, tmp_path):
     from conftest import tiny_checkpoint
 
     import steersweep as ss
-    from steersweep.steering.vectorset import load
+    from steersweep.vectors.vectorset import load
 
     caa = tmp_path / "refusal" / "generate_dataset.json"
     caa.parent.mkdir()

@@ -147,7 +147,7 @@ def test_caa_paper_files_for_vectors_scoring_and_prompts(tmp_path):
     df = pd.read_parquet(run / "results.parquet")
     assert len(df) == 3 * 2 and df.behavior_prob.between(0, 1).all()
     assert df.behavior_prob.nunique() == 3  # one value per alpha: the vector moves the A/B answer
-    from steersweep.steering.vectorset import load
+    from steersweep.vectors.vectorset import load
 
     meta = load(run / "vectors.safetensors").meta
     assert meta["read_at"] == "answer" and meta["pairs_format"] == "ab" and meta["n_pairs"] == "9"

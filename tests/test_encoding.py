@@ -19,7 +19,7 @@ import torch
 
 from steersweep.core.errors import EncodingError
 from steersweep.inputs import datasets as data
-from steersweep.inputs.encoding import Encoded, encode, model_inputs, position_ids, user_messages
+from steersweep.inputs.encoding import Encoded, encode, encode_prompts, model_inputs, position_ids, user_messages
 from steersweep.scoring import behavior, metrics
 
 CONT = data.load_jsonl("sentiment_continuations", ("prefix", "positive", "negative"))
@@ -276,15 +276,14 @@ def test_encode_prompts_is_the_generation_encoder(tokenizer):
     from omegaconf import OmegaConf
 
     from steersweep.core.config import GenerationConfig
-    from steersweep.steering import generation as G
 
     gen = OmegaConf.structured(GenerationConfig(system_prompt="Be kind."))
-    got = G.encode_prompts(tokenizer, ["Describe the sea."], gen)
+    got = encode_prompts(tokenizer, ["Describe the sea."], gen)
     msgs = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Describe the sea."}]
     text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert got == [tokenizer(text, add_special_tokens=False)["input_ids"]]
     gen.chat_template = "off"
-    assert G.encode_prompts(tokenizer, ["Describe the sea."], gen) == [tokenizer("Describe the sea.")["input_ids"]]
+    assert encode_prompts(tokenizer, ["Describe the sea."], gen) == [tokenizer("Describe the sea.")["input_ids"]]
 
 
 def test_model_inputs_left_pad_with_mask_following_positions():
@@ -309,7 +308,7 @@ def tiny_gpt2(vocab: int = 49152):
 
 def test_absolute_position_model_scores_the_same_padded_or_not(tokenizer):
     """GPT-2 adds a learned embedding per absolute position: padding must not shift them."""
-    from steersweep.steering.directions import mean_activation
+    from steersweep.vectors.directions import mean_activation
 
     model = tiny_gpt2()
     prompts = [tokenizer(t)["input_ids"] for t in ("Hi", "The sea is wide and deep today", "A cat")]

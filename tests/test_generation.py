@@ -7,9 +7,9 @@ import torch
 from omegaconf import OmegaConf
 
 from steersweep.core.config import GenerationConfig
+from steersweep.generation.baselines import seed_loop_generate
+from steersweep.generation.decode import generate_rows
 from steersweep.model.memory import generate_with_backoff
-from steersweep.steering.baselines import seed_loop_generate
-from steersweep.steering.generation import generate_rows
 
 PROMPTS = ["Tell me about your weekend.", "Describe the sea.", "What is a good breakfast?"]
 
@@ -110,7 +110,7 @@ def test_shared_prefill_equals_plain_generated_steering(tiny, tokenizer):
 
 def test_identical_rows_generated_once(tiny, tokenizer):
     """alpha 0 on three layers is one unsteered row: decoded once, copied to all three."""
-    from steersweep.steering.layers import get_layers
+    from steersweep.hooks.layers import get_layers
 
     ids = ids_of(tokenizer)[:2]
     v = torch.randn(32)
@@ -270,7 +270,7 @@ def test_top_p_equals_transformers_warper():
     rows, cuts inside the top k and beyond it (the warper's own full sort then decides)."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from steersweep.steering.generation import TopP
+    from steersweep.generation.decode import TopP
 
     cases = 0
     for seed in range(12):

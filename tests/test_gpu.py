@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from steersweep.core.config import GenerationConfig, MemoryConfig, ModelConfig
+from steersweep.generation.decode import generate_rows
 from steersweep.inputs.datasets import load_prompts
 from steersweep.inputs.encoding import encode_prompts
 from steersweep.model import memory as M
 from steersweep.model.loading import load_model
-from steersweep.steering.generation import generate_rows
 
 pytestmark = [
     pytest.mark.gpu,

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from steersweep.core.errors import LayerLookupError
-from steersweep.steering.layers import get_layers
-from steersweep.steering.rows import row_deltas, steer
-from steersweep.steering.trunk import record
+from steersweep.hooks.layers import get_layers
+from steersweep.hooks.rows import row_deltas, steer
+from steersweep.hooks.trunk import record
 
 
 def layer_outputs(model, ids, layers):

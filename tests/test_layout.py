@@ -1,6 +1,7 @@
 """The package's house rules, read from its source with ast (no tool, nothing imported):
 
-- stages, in the order data flows: core, inputs, steering, model, runs, scoring, report, pipeline; the
+- stages, in the order data flows: core, inputs, hooks, vectors, generation, model, runs, scoring,
+  reporting, pipeline; the
   public API (`api/`) on top, then the package's own `__init__` and `__main__`. A module imports only
   from its own stage or an earlier one (a function-level or TYPE_CHECKING import counts the same);
 - no import circles, counting every import wherever it is written, so no function-level import can be
@@ -14,7 +15,19 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "steersweep"
-STAGES = ["core", "inputs", "steering", "model", "runs", "scoring", "report", "pipeline", "api"]
+STAGES = [
+    "core",
+    "inputs",
+    "hooks",
+    "vectors",
+    "generation",
+    "model",
+    "runs",
+    "scoring",
+    "reporting",
+    "pipeline",
+    "api",
+]
 MAX_LINES = 400
 
 

@@ -14,15 +14,15 @@ from omegaconf import OmegaConf
 
 from steersweep.core import errors
 from steersweep.core.config import GenerationConfig
+from steersweep.generation.decode import generate_rows
+from steersweep.hooks.layers import get_layers
+from steersweep.hooks.rows import MODES, RowDelta, row_deltas, steer
+from steersweep.hooks.trunk import record
 from steersweep.inputs.datasets import load_behavior_items, load_pairs
 from steersweep.inputs.encoding import pad_id_of
 from steersweep.scoring.behavior import behavior_probs, encode_behavior_items
 from steersweep.scoring.metrics import next_token_kl
-from steersweep.steering import directions, vectorset
-from steersweep.steering.generation import generate_rows
-from steersweep.steering.layers import get_layers
-from steersweep.steering.rows import MODES, RowDelta, row_deltas, steer
-from steersweep.steering.trunk import record
+from steersweep.vectors import directions, vectorset
 
 MODE_ROWS = ["add", "ablate", "ablate_add", "norm_preserving"]
 
@@ -458,7 +458,7 @@ def test_a_sweep_generates_in_its_configured_mode(tiny, tokenizer, embedded_dir,
 
     import steersweep as ss
     from steersweep.inputs.encoding import encode_prompts
-    from steersweep.steering.vectorset import load
+    from steersweep.vectors.vectorset import load
 
     model_dir = tiny_checkpoint(tmp_path / "tiny model", embedded_dir, tiny)
     common = [f"model.path={model_dir}", "model.num_hidden_layers=4", "model.dtype=float32", "prompts.limit=2",
@@ -619,7 +619,7 @@ def test_a_sweep_over_methods_modes_and_layer_sets(tiny, tokenizer, embedded_dir
     import steersweep as ss
     from steersweep.inputs.encoding import encode_prompts
     from steersweep.runs.folder import RunFolder
-    from steersweep.steering.vectorset import load
+    from steersweep.vectors.vectorset import load
 
     model_dir = tiny_checkpoint(tmp_path / "tiny model", embedded_dir, tiny)
     over = [f"model.path={model_dir}", "model.num_hidden_layers=4", "model.dtype=float32", "prompts.limit=2",
@@ -684,7 +684,7 @@ def test_two_concepts_in_one_run_from_datasets_and_from_files(tiny, tokenizer, e
 
     import steersweep as ss
     from steersweep.inputs.encoding import encode_prompts
-    from steersweep.steering.vectorset import load
+    from steersweep.vectors.vectorset import load
 
     pairs = tmp_path / "formal.jsonl"
     pairs.write_text("".join(json.dumps({"positive": a, "negative": b}) + "\n" for a, b in FORMAL))

@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT, tiny_checkpoint
 
 from steersweep.core import errors
-from steersweep.steering import vectorset
+from steersweep.vectors import vectorset
 
 
 def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -196,7 +196,7 @@ def test_gguf_round_trip_keeps_concept_norms_and_ids(tmp_path):
     vectorset.save(vs, tmp_path / "v.safetensors")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     for args in (["export", "v.safetensors", "some name.gguf"], ["import", "some name.gguf", "back.safetensors"]):
-        r = subprocess.run([sys.executable, "-m", "steersweep.steering.exchange", *args], cwd=tmp_path, env=env,
+        r = subprocess.run([sys.executable, "-m", "steersweep.vectors.exchange", *args], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=300)  # fmt: skip
         assert r.returncode == 0, r.stderr
     for path in (tmp_path / "some name.gguf", tmp_path / "back.safetensors"):
@@ -209,8 +209,8 @@ def test_gguf_round_trip_keeps_concept_norms_and_ids(tmp_path):
 def test_readme_documents_the_exchange_and_help():
     readme = (ROOT / "README.md").read_text()
     assert (
-        "python -m steersweep.steering.exchange export" in readme
-        and "python -m steersweep.steering.exchange import" in readme
+        "python -m steersweep.vectors.exchange export" in readme
+        and "python -m steersweep.vectors.exchange import" in readme
     )
     assert "python run_experiment.py --help" in readme and "report/index.html" in readme
     out = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
@@ -226,7 +226,7 @@ def test_help_lists_tasks_and_groups(tmp_path):
 
 
 def test_behavior_prob_interval_is_across_items(tmp_path):
-    from steersweep.report.write import write_report
+    from steersweep.reporting.write import write_report
     from steersweep.runs.folder import RunFolder
 
     folder = RunFolder(tmp_path / "run")

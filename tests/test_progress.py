@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from steersweep.core.config import GenerationConfig
 from steersweep.core.progress import Progress
-from steersweep.steering.generation import generate_rows
+from steersweep.generation.decode import generate_rows
 
 
 def test_log_lines_without_a_terminal_and_budget_of_early_stops(caplog):
@@ -76,8 +76,8 @@ def test_prompt_pass_reports_each_layer_and_leaves_tokens_unchanged(tiny, tokeni
 
 def test_scoring_reports_every_forward_batch(tiny, tokenizer):
     """Long scoring phases move the progress line: one call per forward batch, ending at the total."""
+    from steersweep.hooks import forward
     from steersweep.scoring import metrics
-    from steersweep.steering import forward
 
     ids = [tokenizer(p)["input_ids"] for p in ["One.", "Two words.", "Three more words.", "Four", "Five!"]]
     calls: list[tuple[int, int]] = []
@@ -96,7 +96,7 @@ def test_tokens_of_a_decode_that_ran_out_of_memory_are_counted_once(tiny, embedd
     from conftest import tiny_checkpoint
 
     import steersweep as ss
-    from steersweep.steering import generation as G
+    from steersweep.generation import decode as G
 
     model_dir = tiny_checkpoint(tmp_path / "tiny model", embedded_dir, tiny)
     over = [f"model.path={model_dir}", "model.num_hidden_layers=4", "model.dtype=float32", "prompts.limit=3",

@@ -206,7 +206,7 @@ def test_report_page_in_chromium(runs, browser, tmp_path):
 
 def test_hostile_text_stays_text(browser, tmp_path):
     """Completions holding `</script>`, HTML and odd numbers (NaN, inf) render as plain text."""
-    from steersweep.report.write import write_report
+    from steersweep.reporting.write import write_report
     from steersweep.runs.folder import RunFolder
 
     folder = RunFolder(tmp_path / "run")
@@ -239,7 +239,7 @@ def test_variants_and_layer_sets_in_the_browser(browser, tmp_path):
     multi-layer cell shows that cell's completion beside alpha 0 of the same variant and layers."""
     from test_reporting import variant_table
 
-    from steersweep.report.write import write_report
+    from steersweep.reporting.write import write_report
 
     df = variant_table()
     # one (variant, layers) without alpha-0 rows: its baseline is another alpha-0 row of the prompt

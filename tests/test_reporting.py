@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 
 from steersweep.core.config import ReportConfig
-from steersweep.report.best import best_cell, best_per_variant, first_alpha_reaching
-from steersweep.report.tables import layer_order, pivot_text, summarize
-from steersweep.report.write import write_report
+from steersweep.reporting.best import best_cell, best_per_variant, first_alpha_reaching
+from steersweep.reporting.tables import layer_order, pivot_text, summarize
+from steersweep.reporting.write import write_report
 
 METHODS = ("mean_diff", "pca_diff")
 MODES = ("add", "ablate_add")

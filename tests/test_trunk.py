@@ -15,13 +15,14 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from steersweep.core.config import GenerationConfig
+from steersweep.generation.decode import generate_rows
+from steersweep.hooks import forward
+from steersweep.hooks.layers import get_layers
+from steersweep.hooks.rows import row_deltas, steer
+from steersweep.hooks.trunk import shared_trunk
 from steersweep.inputs.encoding import model_inputs
 from steersweep.scoring.behavior import behavior_probs, encode_behavior_items
 from steersweep.scoring.metrics import next_token_kl, perplexities, score_tails
-from steersweep.steering.generation import generate_rows
-from steersweep.steering.layers import get_layers
-from steersweep.steering.rows import row_deltas, steer
-from steersweep.steering.trunk import shared_trunk
 
 PROMPTS = ["Tell me about your weekend.", "Describe the sea.", "Hi"]
 
@@ -114,7 +115,6 @@ def test_scoring_shares_the_prompt_pass_and_equals_the_unshared_batch(tokenizer,
     """behaviour log-probs and next-token KL: settings x items in one batch with sharing equal, bit
     for bit, the same batch without it, and within float32 rounding each row scored alone (alone, a
     row has no padding: sdpa runs unmasked, which moves the last digit before and after sharing)."""
-    from steersweep.steering import generation as G
 
     model = tiny_llama(layers=6)
     v = {layer: torch.randn(32) * 2 for layer in range(6)}
@@ -143,7 +143,7 @@ def test_scoring_shares_the_prompt_pass_and_equals_the_unshared_batch(tokenizer,
     def unshared(*args, **kwargs):
         yield None
 
-    monkeypatch.setattr(G, "shared_trunk", unshared)  # what generation.shared_forward enters
+    monkeypatch.setattr(forward, "shared_trunk", unshared)  # what hooks.forward.shared_forward enters
     with rows_seen(model) as seen:
         score_tails(model, all_seqs, tails, 2, steering, batch_size=64)
     assert seen[0] == [len(all_seqs)]
@@ -229,7 +229,7 @@ def effect(part: tuple) -> tuple | None:
 def test_trunk_classes_are_the_rows_alike_so_far(batch):
     """Two rows share a class entering layer l exactly when they have the same input and steer
     alike on every layer before l; after the last layer every row is its own."""
-    from steersweep.steering.trunk import Trunk
+    from steersweep.hooks.trunk import Trunk
 
     n_layers = 5
     inputs = [prompt for prompt, _ in batch]

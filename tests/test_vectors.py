@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from steersweep.core import errors
-from steersweep.steering import directions, vectorset
+from steersweep.vectors import directions, vectorset
 
 
 def test_caa_equals_independent_mean_difference(tiny, tokenizer):
@@ -171,7 +171,7 @@ def test_truncated_and_missing_files(tmp_path):
 def test_gguf_control_vector_round_trip_is_exact(tmp_path):
     from gguf import GGUFReader
 
-    from steersweep.steering.exchange import write_control_vector
+    from steersweep.vectors.exchange import write_control_vector
 
     vs = vectorset.VectorSet({3: torch.randn(32), 7: torch.randn(32) * 1e-3}, "joy", {"model": "tiny"})
     p = write_control_vector(vs.vectors, tmp_path / "joy.gguf", "tiny")

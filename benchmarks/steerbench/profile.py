@@ -47,9 +47,9 @@ def profile_step(model, tok, w: Workload, group: list[int], device: torch.device
     """Prefill `group`'s rows (steered), time a decoding step unprofiled (best of 3), profile one more."""
     from torch.profiler import ProfilerActivity, profile
 
+    from steersweep.hooks.forward import shared_forward
+    from steersweep.hooks.rows import row_deltas, steer
     from steersweep.inputs.encoding import model_inputs, pad_id_of, position_ids
-    from steersweep.steering.forward import shared_forward
-    from steersweep.steering.rows import row_deltas, steer
 
     enc = model_inputs(w.ids(group), pad_id_of(tok), device)
     mask = enc["attention_mask"]

@@ -102,8 +102,8 @@ class Workload:
     def prefill_layer_rows(self, group: list[int], n_layers: int) -> int:
         """Decoder-layer rows the prompt pass of `group` computes in generate_rows: its distinct rows,
         each layer once per distinct state entering it (`steersweep.hooks.Trunk`)."""
-        from steersweep.steering.rows import row_deltas
-        from steersweep.steering.trunk import Trunk
+        from steersweep.hooks.rows import row_deltas
+        from steersweep.hooks.trunk import Trunk
 
         rows: dict[tuple, int] = {}  # distinct rows, as generate_rows dedupes them
         for i in group:
@@ -143,7 +143,7 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device):
 def sentiment_vectors(model, tok, layers: list[int]) -> dict[int, torch.Tensor]:
     """Mean-difference (CAA) sentiment vectors from the shipped pairs, one per layer."""
     from steersweep.inputs.datasets import load_pairs
-    from steersweep.steering.directions import compute_caa
+    from steersweep.vectors.directions import compute_caa
 
     return dict(compute_caa(model, tok, load_pairs("sentiment_pairs"), sorted(set(layers)), "sentiment").vectors)
 

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from steersweep.api.scores import behavior_prob, steerability
     from steersweep.api.steer import compute_vectors, steer, steering
     from steersweep.api.sweep import Sweep
-    from steersweep.steering.vectorset import VectorSet
+    from steersweep.vectors.vectorset import VectorSet
 
 # the public API, imported on first use (these import torch)
 _LAZY = {

@@ -16,7 +16,7 @@ from ..workload import Method, Workload, generation_config, min_new_tokens
 
 def has_engine() -> bool:
     """Whether `generate_rows` takes `engine=` (the decode loop with EOS compaction, or HF generate)."""
-    from steersweep.steering.generation import generate_rows
+    from steersweep.generation.decode import generate_rows
 
     return "engine" in inspect.signature(generate_rows).parameters
 
@@ -30,7 +30,7 @@ def run_rows(
     Args:
         engine: passed as `engine=` when given and generate_rows takes it; None = its default.
     """
-    from steersweep.steering.generation import generate_rows
+    from steersweep.generation.decode import generate_rows
 
     kw = {"engine": engine} if engine is not None and has_engine() else {}
     m = Method(name, impl + ("" if engine is None or kw else " (generate_rows has no engine= yet: ran its default)"))

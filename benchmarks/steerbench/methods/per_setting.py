@@ -37,8 +37,8 @@ def version() -> str:
 
 def run(model, tok, w: Workload, device: torch.device, only: list[int] | None = None) -> Method:
     """Every (layer, alpha) setting, or those whose cells are in `only`."""
+    from steersweep.generation.decode import left_pad
     from steersweep.inputs.encoding import pad_id_of
-    from steersweep.steering.generation import left_pad
 
     sv_lib = library()
     m = Method("per_setting", f"steering-vectors {version()} SteeringVector.apply + model.generate")

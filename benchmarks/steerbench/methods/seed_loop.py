@@ -13,9 +13,9 @@ from ..workload import Method, Workload
 
 
 def run(model, w: Workload, idx: list[int], device: torch.device) -> Method:
-    from steersweep.steering.baselines import seed_loop_generate
+    from steersweep.generation.baselines import seed_loop_generate
 
-    m = Method("seed_loop", "steersweep.steering.baselines.seed_loop_generate (no KV cache, 1 cell)")
+    m = Method("seed_loop", "steersweep.generation.baselines.seed_loop_generate (no KV cache, 1 cell)")
 
     def call(i: int, tokens: int) -> list[int]:
         (layer, alpha, v), ids = w.steering([i])[0], w.ids([i])[0]

@@ -52,7 +52,7 @@ class Report:
         Returns:
             The path of summary.md.
         """
-        from steersweep.report.write import write_report
+        from steersweep.reporting.write import write_report
 
         dirs = [self.folder, *self.compare]
         default = self.folder / "report"

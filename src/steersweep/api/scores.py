@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from steersweep.api.steer import _check_steering, _settings
+from steersweep.inputs.encoding import pad_id_of
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -63,7 +64,7 @@ def behavior_prob(
     from steersweep.core.errors import ConfigError
     from steersweep.inputs.datasets import load_behavior_items
     from steersweep.inputs.encoding import use_chat_template
-    from steersweep.scoring import behavior, metrics
+    from steersweep.scoring import behavior
 
     if fmt not in ("continuation", "ab"):
         raise ConfigError(f"fmt={fmt}: use continuation or ab")
@@ -78,7 +79,7 @@ def behavior_prob(
     _check_steering(positions, mode)
     setting = [(*r, mode) for r in _settings(model, 1, layer, alpha, vectors, layers_path)]
     (scores,) = behavior.behavior_item_scores(
-        model, enc, setting, metrics.pad_id_of(tokenizer), batch_size, layers_path, positions, length_normalize
+        model, enc, setting, pad_id_of(tokenizer), batch_size, layers_path, positions, length_normalize
     )
     if not per_item:
         return behavior.behavior_summary(scores)[0]

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from steersweep.steering.vectorset import VectorSet
+    from steersweep.vectors.vectorset import VectorSet
 
     Vectors = VectorSet | Mapping[int, torch.Tensor] | torch.Tensor  # a VectorSet, {layer: direction} or one direction
 
@@ -90,7 +90,7 @@ def compute_vectors(
         A `VectorSet` (`.vectors[layer]`, `.norm(layer)`, `.resid_norms`); save it with
         `steersweep.vectors.save(vs, "v.safetensors")` for `vectors=file`.
     """
-    from steersweep.steering.directions import compute_caa
+    from steersweep.vectors.directions import compute_caa
 
     layer_list = [layers] if isinstance(layers, int) else [int(x) for x in layers]
     name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
@@ -105,8 +105,8 @@ def _settings(model, n: int, layer, alpha, vectors: Vectors, layers_path: str | 
     import torch
 
     from steersweep.core.errors import ConfigError, VectorError
-    from steersweep.steering.layers import get_layers
-    from steersweep.steering.vectorset import VectorSet
+    from steersweep.hooks.layers import get_layers
+    from steersweep.vectors.vectorset import VectorSet
 
     layers = [layer] * n if isinstance(layer, int) else [int(x) for x in layer]
     alphas = [alpha] * n if isinstance(alpha, (int, float)) else [float(x) for x in alpha]
@@ -178,10 +178,10 @@ def steer(
     """
     from steersweep.core.config import GenerationConfig
     from steersweep.core.errors import ConfigError, PromptError
+    from steersweep.generation.decode import generate_rows
     from steersweep.inputs.encoding import encode_prompts
     from steersweep.model.memory import generate_with_backoff
     from steersweep.runs.grid import cell_seed
-    from steersweep.steering.generation import generate_rows
 
     rows = [prompts] if isinstance(prompts, str) else list(prompts)
     if max_new_tokens < 1:
@@ -259,8 +259,8 @@ def steering(
         ConfigError, VectorError: a layer out of range, a missing vector, lists of other lengths.
     """
     from steersweep.core.errors import ConfigError
-    from steersweep.steering.rows import row_deltas
-    from steersweep.steering.rows import steer as hooked
+    from steersweep.hooks.rows import row_deltas
+    from steersweep.hooks.rows import steer as hooked
 
     _check_steering(positions, mode)
     if positions.startswith("from:"):
@@ -283,7 +283,7 @@ def steering(
 def _check_steering(positions: str, mode: str) -> None:
     """One line saying what to use, before any forward (the grammar lives in hooks)."""
     from steersweep.core.errors import ConfigError
-    from steersweep.steering.rows import MODES, POSITIONS_HELP, parse_positions
+    from steersweep.hooks.rows import MODES, POSITIONS_HELP, parse_positions
 
     try:
         parse_positions(positions)

@@ -19,11 +19,11 @@ from steersweep.core.config import MemoryConfig, ModelConfig
 from steersweep.core.faults import fault_point
 from steersweep.core.runtime import watchdog
 from steersweep.core.units import fmt_bytes
+from steersweep.hooks.trunk import contiguous_head
 from steersweep.model.checkpoint import _looks_like_hub_id, hub_online, resolve_model_path
 from steersweep.model.dtypes import dtype_decision, torch_dtype
 from steersweep.model.memory import device_key, module_names, placed_on
 from steersweep.model.placement import _max_memory, quantization_config
-from steersweep.steering.trunk import contiguous_head
 
 log = logging.getLogger(__name__)
 

@@ -164,7 +164,7 @@ def rows_for_map(
 
 def module_names(model, layers_path: str | None = None) -> tuple[list[str], str]:
     """(names of the decoder layers, name of the LM head) in `model.named_modules()` terms."""
-    from steersweep.steering.layers import get_layers
+    from steersweep.hooks.layers import get_layers
 
     ids = {id(m): n for n, m in model.named_modules()}
     layers = [ids[id(block)] for block in get_layers(model, layers_path)]

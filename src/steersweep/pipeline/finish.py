@@ -15,7 +15,7 @@ from steersweep.runs.grid import as_list, batch_cells
 from steersweep.runs.launch import cli_command, finish_command, run_dir_arg
 from steersweep.runs.planfile import RunPlan, read_plan_doc
 from steersweep.runs.provenance import git_commit, host_info, package_versions
-from steersweep.steering.vectorset import VectorSet
+from steersweep.vectors.vectorset import VectorSet
 
 
 def manifest(
@@ -75,7 +75,7 @@ def finish(cfg: DictConfig, folder: RunFolder, plan: RunPlan, written: int) -> d
     df, path = folder.merge(csv=cfg.report.csv, keep=all_ids)
     summary.update(table=str(path), rows=len(df))
     if cfg.report.enabled:
-        from steersweep.report.write import write_report
+        from steersweep.reporting.write import write_report
 
         summary["report"] = str(write_report(folder.path, cfg.report))
     print(end_summary(df, path, written, cfg, summary.get("report")))
@@ -84,8 +84,8 @@ def finish(cfg: DictConfig, folder: RunFolder, plan: RunPlan, written: int) -> d
 
 def end_summary(df, path, written: int, cfg: DictConfig, report: str | None) -> str:
     """The run's last words on the console: rows, the best (layer, alpha), where to look."""
-    from steersweep.report.best import best_cell, describe_cell
-    from steersweep.report.tables import variants
+    from steersweep.reporting.best import best_cell, describe_cell
+    from steersweep.reporting.tables import variants
 
     lines = [f"done: {len(df)} rows in {path} ({written} written by this job)"]
     best, rule = best_cell(df, cfg.report)
@@ -109,7 +109,7 @@ def folder_steerability(run_dir: Path, cfg: DictConfig) -> str:
     import pandas as pd
 
     from steersweep.inputs.datasets import set_name
-    from steersweep.report.steerability import recommendation
+    from steersweep.reporting.steerability import recommendation
     from steersweep.scoring.reliability import most_steerable
 
     path = RunFolder(run_dir).steerability_path

@@ -16,6 +16,8 @@ from omegaconf import DictConfig
 
 from steersweep.core.errors import ConfigError, PlanError, ResultsError
 from steersweep.core.progress import Progress
+from steersweep.generation import decode as G
+from steersweep.inputs.encoding import encode_prompts
 from steersweep.model import memory as M
 from steersweep.pipeline.finish import finish, manifest
 from steersweep.pipeline.validate import validate_inputs, validate_model, validate_static
@@ -27,8 +29,7 @@ from steersweep.runs.identity import folder_for, identity, identity_hash
 from steersweep.runs.launch import shard_of, worker_name
 from steersweep.runs.planfile import RunPlan, claim_plan
 from steersweep.scoring.scorer import Scorer, steering_of
-from steersweep.steering import generation as G
-from steersweep.steering.vectorset import VectorSet, save
+from steersweep.vectors.vectorset import VectorSet, save
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def generate_batches(
     """
     gen = cfg.generation
     texts = [p["prompt"] for p in inputs["prompts"]]
-    prompt_ids = dict(zip([p["id"] for p in inputs["prompts"]], G.encode_prompts(tokenizer, texts, gen), strict=True))
+    prompt_ids = dict(zip([p["id"] for p in inputs["prompts"]], encode_prompts(tokenizer, texts, gen), strict=True))
     ctx = getattr(model.config, "max_position_embeddings", None)
     too_long = [pid for pid, ids in prompt_ids.items() if ctx and len(ids) + gen.max_new_tokens > ctx]
     if too_long:

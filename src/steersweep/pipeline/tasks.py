@@ -146,7 +146,7 @@ def run(cfg: DictConfig) -> dict | list | Path:
             print(f"merged {len(df)} rows into {path}")
             if cfg.task == "merge":
                 return path
-        from steersweep.report.write import PAGE, write_report
+        from steersweep.reporting.write import PAGE, write_report
 
         summary = write_report([folder.path, *map(Path, cfg.report.compare_runs)], cfg.report)
         page = summary.with_name(PAGE)  # the front page: summary, tables, plots, completions browser

@@ -71,8 +71,8 @@ def validate_static(cfg: DictConfig) -> None:
         f"steering.alphas={list(st.alphas)} repeats an alpha: list each alpha once",
     )
     # steering methods and modes (issue 13)
-    from steersweep.steering.directions import METHODS
-    from steersweep.steering.rows import MODES, POSITIONS_HELP, parse_positions
+    from steersweep.hooks.rows import MODES, POSITIONS_HELP, parse_positions
+    from steersweep.vectors.directions import METHODS
 
     check(_parses(parse_positions, st.positions), f"steering.positions={st.positions}: {POSITIONS_HELP}")
     from steersweep.runs.grid import as_list, concepts
@@ -249,8 +249,8 @@ def _check_weight_files(cfg: DictConfig) -> None:
 def _check_layer_list(cfg: DictConfig, hf) -> None:
     """Find the decoder layer list on an empty (meta-device) model, so a miss fails before loading."""
     from steersweep.core.errors import LayerLookupError
+    from steersweep.hooks.layers import get_layers
     from steersweep.model.placement import empty_model
-    from steersweep.steering.layers import get_layers
 
     try:
         model = empty_model(hf, cfg.model.trust_remote_code)
@@ -335,7 +335,7 @@ def validate_inputs(cfg: DictConfig, hf) -> dict:
     if cfg.vectors.source == "file":  # {concept: VectorSet}
         from steersweep.core.errors import VectorError
         from steersweep.runs.grid import all_layers, concepts
-        from steersweep.steering.vectorset import load
+        from steersweep.vectors.vectorset import load
 
         out["vectors"] = {}
         named = concepts(cfg)

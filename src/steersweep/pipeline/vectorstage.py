@@ -10,8 +10,8 @@ from omegaconf import DictConfig
 
 from steersweep.runs.folder import RunFolder
 from steersweep.runs.grid import all_layers, as_list, concepts
-from steersweep.steering.directions import compute_methods, mean_activation
-from steersweep.steering.vectorset import VectorSet, load, save
+from steersweep.vectors.directions import compute_methods, mean_activation
+from steersweep.vectors.vectorset import VectorSet, load, save
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def vector_keys(cfg: DictConfig) -> list[tuple[str, str]]:
 def get_vectors(cfg: DictConfig, model, tokenizer, inputs: dict, folder: RunFolder) -> dict[tuple[str, str], VectorSet]:
     """{(concept, method): VectorSet}: loaded (files, or the ones this run already computed) or the
     missing ones computed, every method of a concept in one pass over its pairs, and saved."""
-    from steersweep.steering.layers import get_layers
+    from steersweep.hooks.layers import get_layers
 
     layers = all_layers(cfg, len(get_layers(model, cfg.model.layers_path)))
     keys = vector_keys(cfg)

@@ -16,7 +16,7 @@ from steersweep.runs.identity import check_identity
 from steersweep.runs.launch import launch_command
 
 PLAN_FILE = "plan.json"
-PLAN_FORMAT = "steersweep.runs.grid.v2"  # v2: batches listed (a baseline is one decode)
+PLAN_FORMAT = "steersweep.plan.v2"  # v2: batches listed (a baseline is one decode)
 
 
 @dataclass
@@ -63,7 +63,7 @@ def read_plan_doc(folder: Path) -> dict | None:
         doc = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise PlanError(f"{p} is unreadable ({e}): move the folder aside or choose another run_dir") from None
-    if doc.get("format") == "steersweep.runs.grid.v1":
+    if doc.get("format") == "steersweep.plan.v1":
         raise PlanError(
             f"{p} is an older plan (each layer decoded its own alpha-0 baseline; sampled baselines were "
             "seeded per layer): its rows would not match this version's, so choose another run_dir"

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from steersweep.core.errors import EncodingError
+from steersweep.hooks.rows import row_key
 from steersweep.inputs.encoding import Encoded, encode
 from steersweep.scoring.metrics import score_tails
-from steersweep.steering.rows import row_key
 
 # ---------------------------------------------------------------------------------------------
 # Behaviour probability

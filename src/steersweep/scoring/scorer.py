@@ -13,15 +13,16 @@ import time
 import torch
 from omegaconf import DictConfig
 
+from steersweep.generation import decode as generation
+from steersweep.hooks import forward
+from steersweep.hooks.layers import hook_name
 from steersweep.inputs import encoding
 from steersweep.inputs.datasets import items_form
 from steersweep.model.memory import with_backoff
 from steersweep.runs.folder import RunFolder
 from steersweep.runs.grid import Batch, Cell
 from steersweep.scoring import behavior, metrics
-from steersweep.steering import forward, generation
-from steersweep.steering.layers import hook_name
-from steersweep.steering.vectorset import VectorSet
+from steersweep.vectors.vectorset import VectorSet
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,7 @@ class Scorer:
                 enc = behavior.encode_behavior_items(tok, items, items_form(items), chat)
                 rows = [steering for _, steering in mine]
                 scores = with_backoff(lambda bs, enc=enc, rows=rows: behavior.behavior_item_scores(
-                    self.model, enc, rows, metrics.pad_id_of(tok), bs, cfg.model.layers_path, cfg.steering.positions, norm
+                    self.model, enc, rows, encoding.pad_id_of(tok), bs, cfg.model.layers_path, cfg.steering.positions, norm
                 ), 32, "behavior_prob")  # fmt: skip
                 for (key, _), per_item in zip(mine, scores, strict=True):
                     made = [
@@ -277,7 +278,7 @@ class Scorer:
         prompts = list(self.prompt_ids.values())
         rows = [steering for _, steering, _ in settings]
         res = with_backoff(lambda bs: metrics.next_token_kl(
-            self.model, prompts, rows, metrics.pad_id_of(self.tokenizer), bs, cfg.model.layers_path, cfg.steering.positions
+            self.model, prompts, rows, encoding.pad_id_of(self.tokenizer), bs, cfg.model.layers_path, cfg.steering.positions
         ), 32, "next_token_kl")  # fmt: skip
         dt = time.perf_counter() - t0
         log.info("next_token_kl for %d settings x %d prompts in %.1f s", len(settings), len(prompts), dt)

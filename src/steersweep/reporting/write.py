@@ -9,7 +9,7 @@ import pandas as pd
 
 from steersweep.core.config import ReportConfig
 from steersweep.core.errors import ResultsError
-from steersweep.report.best import (
+from steersweep.reporting.best import (
     OBJECTIVE_THRESHOLD,
     _pct,
     best_cell,
@@ -17,10 +17,10 @@ from steersweep.report.best import (
     describe_cell,
     first_alpha_reaching,
 )
-from steersweep.report.html import write_html
-from steersweep.report.plots import curves, heatmap, overview
-from steersweep.report.steerability import steerability_part
-from steersweep.report.tables import (
+from steersweep.reporting.html import write_html
+from steersweep.reporting.plots import curves, heatmap, overview
+from steersweep.reporting.steerability import steerability_part
+from steersweep.reporting.tables import (
     Facet,
     Section,
     axis_name,

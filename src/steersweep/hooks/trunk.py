@@ -8,8 +8,8 @@ from collections.abc import Hashable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from steersweep.steering.layers import get_layers
-from steersweep.steering.rows import RowDelta, _on_hidden
+from steersweep.hooks.layers import get_layers
+from steersweep.hooks.rows import RowDelta, _on_hidden
 
 
 class Trunk:

@@ -12,9 +12,9 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 
 from steersweep.core.errors import VectorError
+from steersweep.hooks.trunk import record
 from steersweep.inputs.encoding import Source, encode, model_inputs, pad_id_of, user_messages
-from steersweep.steering.trunk import record
-from steersweep.steering.vectorset import VectorSet
+from steersweep.vectors.vectorset import VectorSet
 
 # ---------------------------------------------------------------------------------------------
 # Compute

@@ -91,7 +91,7 @@ def save(vs: VectorSet, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(vs.meta)
     meta["concept"] = vs.concept
-    meta["format"] = "steersweep.steering.directions.v1"
+    meta["format"] = "steersweep.vectors.v1"
     meta["norms"] = json.dumps({str(k): vs.norm(k) for k in vs.vectors})
     meta["resid_norms"] = json.dumps({str(k): v for k, v in vs.resid_norms.items()})
     tensors = {f"layer.{k}": v.float().contiguous() for k, v in vs.vectors.items()}
@@ -121,7 +121,7 @@ def read_control_vector(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
         raise VectorError(f"{path} is not a control-vector GGUF (architecture {meta.get('general.architecture')!r})")
     tensors = {t.name: torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(-1)) for t in r.tensors}
     out = {"model": meta.get(f"{GGUF_ARCH}.model_hint", ""), "format": "gguf.controlvector"}
-    # steersweep.steering.exchange's own keys: the concept, residual norms and metadata survive the round trip
+    # steersweep.vectors.exchange's own keys: the concept, residual norms and metadata survive the round trip
     # (so vector_id and alpha_rel do not change); llama.cpp ignores them
     try:
         out.update(json.loads(meta.get("steersweep.meta", "{}")))

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from steersweep.steering.layers import get_layers
+from steersweep.hooks.layers import get_layers
 
 # How a row's direction acts on the residual stream h at a steered position (u = v / |v|):
 #   add              h + alpha v

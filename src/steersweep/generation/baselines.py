@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from steersweep.steering.rows import row_deltas, steer
+from steersweep.hooks.rows import row_deltas, steer
 
 
 @torch.inference_mode()

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from steersweep.core.fileio import atomic_write_bytes
-from steersweep.report.tables import Facet, Section, layers_words, markdown_frame, slug, variant_label
+from steersweep.reporting.tables import Facet, Section, layers_words, markdown_frame, slug, variant_label
 from steersweep.runs.folder import RunFolder
 from steersweep.scoring.reliability import SETTING, most_steerable, steerability
 

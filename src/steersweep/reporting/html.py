@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from steersweep.core.fileio import atomic_write_bytes
-from steersweep.report.best import best_cell, describe_cell
-from steersweep.report.plots import overview
-from steersweep.report.tables import (
+from steersweep.reporting.best import best_cell, describe_cell
+from steersweep.reporting.plots import overview
+from steersweep.reporting.tables import (
     VARIANT_COLUMNS,
     axis_name,
     layer_order,
@@ -41,7 +41,7 @@ from steersweep.report.tables import (
 
 if TYPE_CHECKING:
     from steersweep.core.config import ReportConfig
-    from steersweep.report.tables import Section
+    from steersweep.reporting.tables import Section
 
 # Text columns that identify or describe a row rather than split the grid: never offered as filters.
 NOT_FACETS = {

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from steersweep.core.config import ReportConfig
-from steersweep.report.tables import _natural, group_keys, layers_words, summarize, variant_columns, variant_label
+from steersweep.reporting.tables import _natural, group_keys, layers_words, summarize, variant_columns, variant_label
 
 # Default objective level of `first_alpha_reaching` ("which variant reaches behaviour 0.9 ...").
 OBJECTIVE_THRESHOLD = 0.9

@@ -17,10 +17,10 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper
 
 from steersweep.core.config import GenerationConfig
-from steersweep.steering.forward import _trim_padding, accepts, cache_argument, cache_of, prompt_cache, shared_forward
-from steersweep.steering.layers import get_layers
-from steersweep.steering.rows import row_deltas, row_key, steer
-from steersweep.steering.trunk import contiguous_head
+from steersweep.hooks.forward import _trim_padding, accepts, cache_argument, cache_of, prompt_cache, shared_forward
+from steersweep.hooks.layers import get_layers
+from steersweep.hooks.rows import row_deltas, row_key, steer
+from steersweep.hooks.trunk import contiguous_head
 
 
 def left_pad(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

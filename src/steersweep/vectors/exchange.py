@@ -9,8 +9,8 @@ Format: GGUF with `general.architecture = "controlvector"`, `controlvector.model
 Our exports also carry `steersweep.concept`, `steersweep.resid_norms` (JSON) and `steersweep.meta`
 (JSON), which llama.cpp ignores: importing one back gives the same concept, vector ids and alpha_rel.
 
-    python -m steersweep.steering.exchange export vectors.safetensors out.gguf
-    python -m steersweep.steering.exchange import in.gguf vectors.safetensors
+    python -m steersweep.vectors.exchange export vectors.safetensors out.gguf
+    python -m steersweep.vectors.exchange import in.gguf vectors.safetensors
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from steersweep.steering.vectorset import GGUF_ARCH as ARCH
+from steersweep.vectors.vectorset import GGUF_ARCH as ARCH
 
 
 def write_control_vector(
@@ -76,11 +76,11 @@ def _write_gguf(vectors: dict[int, torch.Tensor], tmp: Path, model_hint: str, ex
 
 
 def main(argv: list[str]) -> None:
-    from steersweep.steering.vectorset import VectorSet, load, save
+    from steersweep.vectors.vectorset import VectorSet, load, save
 
     if len(argv) != 3 or argv[0] not in ("export", "import"):
         sys.exit(
-            "usage: python -m steersweep.steering.exchange export VECTORS OUT.gguf | import IN.gguf OUT.safetensors"
+            "usage: python -m steersweep.vectors.exchange export VECTORS OUT.gguf | import IN.gguf OUT.safetensors"
         )
     op, src, dst = argv
     vs = load(src)

@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from steersweep.hooks.rows import RowDelta, parse_positions, row_deltas, steer
+from steersweep.hooks.trunk import shared_trunk
 from steersweep.inputs.encoding import model_inputs
-from steersweep.steering.rows import RowDelta, parse_positions, row_deltas, steer
-from steersweep.steering.trunk import shared_trunk
 
 
 def accepts(model, name: str) -> bool:
@@ -184,7 +184,7 @@ def steered_forwards(
     (`hooks.shared_trunk`): below the first layer a setting steers, all settings of an item are one
     row. Which rows share a batch is a function of the inputs alone.
     """
-    from steersweep.steering.forward import shared_forward
+    from steersweep.hooks.forward import shared_forward
 
     device = model.get_input_embeddings().weight.device
     order = list(range(len(seqs)))

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from steersweep.report.tables import (
+from steersweep.reporting.tables import (
     VARIANT_COLUMNS,
     _wrapped,
     axis_name,
