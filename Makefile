@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	rm -f .venv/.steersweep-setup-*; touch $@
 
 $(MODEL): $(STAMP)
-	$(PY) -m steersweep.embedded                       # GGUF -> sharded bf16 safetensors, once
+	$(PY) -m steersweep.model.embedded                       # GGUF -> sharded bf16 safetensors, once
 
 setup: $(STAMP) $(MODEL) browser  ## venv, packages, embedded model, headless browser (idempotent)
 

@@ -36,7 +36,7 @@ def layer_out(model, ids, layer, rows=None, positions="all"):
 
 
 def plain_mode(h: torch.Tensor, v: torch.Tensor, alpha: float, mode: str) -> torch.Tensor:
-    """The four modes, written out independently of hooks.py."""
+    """The four modes, written out independently of hooks/rows.py."""
     if alpha == 0:
         return h
     u = v / v.norm()
@@ -718,9 +718,8 @@ def test_two_concepts_in_one_run_from_datasets_and_from_files(tiny, tokenizer, e
     # each concept's rows are scored on its own items: alpha 0 is the same model, other items
     base = df[df.alpha == 0].groupby("concept").behavior_prob.first()
     assert base["sentiment"] != base["formal"]
-    from steersweep.scoring.encoding import pad_id_of
-
     from steersweep.inputs.datasets import load_behavior_items
+    from steersweep.inputs.encoding import pad_id_of
     from steersweep.scoring.behavior import behavior_probs, encode_behavior_items
 
     enc = encode_behavior_items(tokenizer, load_behavior_items(str(items)), "continuation", True)

@@ -1,4 +1,5 @@
-"""TODO"""
+"""The API's config and model: `compose_config` (the CLI's Hydra config from overrides) and `load`
+(a model and tokenizer loaded once, reusable by several sweeps and the lower-level calls)."""
 
 from __future__ import annotations
 

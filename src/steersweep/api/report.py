@@ -1,4 +1,4 @@
-"""TODO"""
+"""`ss.report`: a report from a table, a run folder or a Sweep, shown in a notebook or saved."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO"""
+"""`ss.behavior_prob` (a loaded model's behaviour probability under steering, per item if asked) and
+`ss.steerability` (how reliably each setting steers, from per-item scores)."""
 
 from __future__ import annotations
 

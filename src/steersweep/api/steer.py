@@ -1,22 +1,6 @@
-"""Python API for notebooks and scripts, on the same code path as the CLI (`steersweep`).
-
-    import steersweep as ss
-    run = ss.Sweep.compose(overrides=["steering.layers=[10,14]", "steering.alphas=[0,2]"])
-    df = run.run()                  # the rows the CLI writes, read back from the run folder
-    ss.report(df).show()            # or .save("report/")
-
-A `Sweep` composes the real Hydra config (the package's conf/, same schema and validation as the
-CLI) and runs `app.run` / `sweep.run_sweep`: same run folder, plan, resume and Parquet table. User
-errors raise the package's exceptions (`steersweep.SteersweepError` subclasses, the CLI's
-`steersweep.app.USER_ERRORS`) with the CLI's one-line messages.
-
-Lower level, reusing one loaded model: `load`, `compute_vectors`, `steer`, `behavior_prob` (thin
-wrappers over vectors.compute_caa, generation.generate_rows and metrics.behavior_probs), and
-`steering`, a context manager that steers the model's own `generate` or forward with the same hook.
-A model from `load` can also serve several sweeps: `Sweep.compose(..., loaded=ss.load())`.
-
-Nothing heavy (torch, transformers, pandas) is imported until a function needs it.
-"""
+"""Steering a loaded model: `compute_vectors` (CAA vectors from pairs), `steer` (steered completions
+for a grid of settings, the sweep's batched generation) and `steering`, a context manager that steers
+the model's own `generate` or forward with the same hook."""
 
 from __future__ import annotations
 

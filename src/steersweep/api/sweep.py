@@ -1,4 +1,4 @@
-"""TODO"""
+"""`ss.Sweep`: a sweep composed from the package's configs and run through the CLI's pipeline."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The top-level `Config` types every group, so a misspelt key or a wrong type in any YAML file or
 command-line override fails when Hydra composes the config, before anything is queued or loaded.
 Checks that need more than types (layer ranges from the model's config.json, vector files that
-must exist...) live in `validate.py` and also run before any weight is read.
+must exist...) live in `pipeline/validate.py` and also run before any weight is read.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The base of every exception the package raises on purpose: `except steersweep.SteersweepError`
-catches a refused config, dataset, model, plan or vector file, whichever module raised it."""
+"""Every exception the package raises on purpose, in one hierarchy: `except steersweep.SteersweepError`
+catches a refused config, dataset, model, plan or vector file, whichever stage raised it; the
+classes are exported at the top (`steersweep.ConfigError`, ...)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO"""
+"""Sizes and durations in words and back: `parse_size` ("80GiB", "90%"-free numbers), `fmt_bytes`,
+`fmt_seconds`."""
 
 from __future__ import annotations
 

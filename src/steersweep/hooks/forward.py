@@ -1,4 +1,5 @@
-"""TODO"""
+"""The steered forward pass shared by generation and scoring: rows with a common steering prefix
+run once (trunk), the prompt's KV cache, masked row deltas for scoring tails, batch progress."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO"""
+"""A model's decoder layers: where they live in each architecture, and hook names for them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Find a model's decoder layers and steer their outputs, row by row, inside a context manager.
+"""Steer the decoder layers' outputs, row by row, inside a context manager (`steer`, `RowDelta`).
 
 One `generate` call can carry rows with different layers, alphas, vectors and modes: each row b is
 steered at the output of its own layer only, by its own mode (`MODES`: add `alpha_b * v_b`, ablate

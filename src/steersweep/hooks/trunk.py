@@ -1,4 +1,5 @@
-"""TODO"""
+"""Rows that share their first layers' steering run those layers once (`Trunk`, `shared_trunk`), and
+activations recorded at chosen layers (`record`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,26 @@
-"""TODO"""
+"""One encoder for every consumer: (text or chat messages, answer) -> token ids, and padded batches;
+and whether a prompt goes through the chat template (`use_chat_template`).
+
+Generation prompts, CAA examples, behaviour items, perplexity and the judge all turn their inputs
+into ids here, and every left-padded forward builds its inputs here.
+
+- A `str` source is raw text: the tokenizer adds its special tokens (BOS) as it was trained to.
+- A list of `{"role", "content"}` messages goes through the tokenizer's chat template, rendered as
+  text and then encoded with `add_special_tokens=False` (the template writes BOS itself when the
+  model wants one), with the assistant's generation prompt unless told otherwise; `prefill` is text
+  the assistant turn already starts with (e.g. "(" before an A/B letter).
+- An answer is never encoded alone. Context + answer is encoded jointly, and the answer is the
+  suffix of that joint encoding after the longest prefix it shares with the context's own encoding
+  (lm-evaluation-harness' context/continuation split, made safe for merges across the boundary).
+  SentencePiece encodes " delicious" alone as `['▁', '▁delicious']` and "A" alone as `▁A`, but the
+  model reads `▁delicious` and `A` after "...was" and "(": the joint suffix is what it reads. When
+  the tokenizer merges across the boundary (" (" + "A" -> " (A"), the merged token belongs to the
+  answer, so the context kept is always a true prefix of the joint ids and nothing of the answer is
+  lost.
+- Padded batches are left-padded, and their position ids follow the attention mask (each row
+  counts from 0 at its first real token), as `generate` does: absolute-position models (GPT-2,
+  OPT) then give the same numbers padded or not.
+"""
 
 from __future__ import annotations
 

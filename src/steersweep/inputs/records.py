@@ -1,4 +1,5 @@
-"""TODO"""
+"""Finding and reading dataset files: a shipped name or a path resolved, JSONL / JSON / text decoded
+(BOM, UTF-16), each record checked and given an id, its format detected."""
 
 from __future__ import annotations
 

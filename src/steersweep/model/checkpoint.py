@@ -1,4 +1,5 @@
-"""TODO"""
+"""Finding a model: its path (a folder, a hub id, the embedded model), its config without the
+weights, and whether the hub can be reached."""
 
 from __future__ import annotations
 

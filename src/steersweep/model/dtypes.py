@@ -1,4 +1,5 @@
-"""TODO"""
+"""The model's dtype: `auto` picks bfloat16 where the machine computes it natively (CUDA, CPUs with
+AVX512-BF16 or AMX) and float32 elsewhere, and says why."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Memory budget, device-map planning on the meta device, and loading the checkpoint once.
+"""Loading the checkpoint once, on the device map `placement` planned, with a neutral generation config.
 
 `offload_state_dict` is never passed (it makes transformers stage the whole state dict through CPU
 and disk while loading, which stalls or hangs 70B loads; transformers 5 ignores it anyway). Loading
@@ -42,7 +42,7 @@ def neutral_generation_config(model) -> dict:
     Checkpoints ship decoding defaults (Qwen2.5: repetition_penalty 1.05, temperature, top_p,
     top_k): left in place, `generate` applies them to "greedy" runs too. Only the special-token ids
     are kept; every sampling, penalty and length setting of a run is then exactly what
-    generation.py passes (max_new_tokens, and the per-row sampler when sampling).
+    generation/decode.py passes (max_new_tokens, and the per-row sampler when sampling).
     """
     from transformers import GenerationConfig
 

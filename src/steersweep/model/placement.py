@@ -1,4 +1,5 @@
-"""TODO"""
+"""Where the weights go: the memory budget per device (`max_memory`), quantisation, and the device
+map planned on an empty model before any weight is read (`plan_device_map`, `Plan`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO"""
+"""A run's ending: the manifest (provenance), merging the workers' tables, the last summary lines,
+and `task=status`."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The conductor of one job: prepare -> load -> vectors -> generate -> score -> write -> merge.
 
 Every worker (a shard of a Slurm array, a data-parallel rank, a rerun) runs this same flow over
-the plan claimed in the run folder (see plan.py): it takes its own planned batches, skips the
+the plan claimed in the run folder (see runs/grid.py and runs/planfile.py): it takes its own planned batches, skips the
 finished ones, writes one part file per batch, and whichever worker finds every cell present
 merges the table and writes the report.
 """

@@ -1,4 +1,5 @@
-"""TODO"""
+"""The sweep's vector step: each (concept, method) vector set computed once per run folder or
+loaded from the config's file, and where it is kept."""
 
 from __future__ import annotations
 

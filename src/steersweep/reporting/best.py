@@ -1,4 +1,5 @@
-"""TODO"""
+"""The best cells: per metric and variant, the cell that best meets the report's objective, and the
+first alpha reaching it."""
 
 from __future__ import annotations
 

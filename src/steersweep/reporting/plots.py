@@ -1,4 +1,4 @@
-"""TODO"""
+"""Plots: per-metric heatmaps (layer x alpha) and alpha curves, and the overview line."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tables and pictures of a finished sweep, computed from the Parquet table alone.
+"""Tables of a finished sweep, computed from the Parquet table alone (pictures: `plots`, the folder: `write`).
 
 The grid is (layer set, alpha): a cell steers the layers of its `layers` label ("10", "10+14", "all";
 tables written before that column existed get `str(layer)`). A steering *variant* is the vector's
@@ -11,7 +11,7 @@ alpha. A Markdown summary names the best (variant, layers, alpha) by the configu
 subject to a fluency constraint, and shows example completions next to the unsteered ones; with
 several variants it also lists each variant's best cell and the first alpha reaching the objective
 threshold. `index.html` holds all of it in one offline page, with a completions browser
-(report_html.py).
+(html.py).
 """
 
 from __future__ import annotations

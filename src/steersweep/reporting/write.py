@@ -1,4 +1,4 @@
-"""TODO"""
+"""The report folder from a run's rows: summary.md, table_*.csv, PNGs and index.html (`write_report`)."""
 
 from __future__ import annotations
 

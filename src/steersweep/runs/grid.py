@@ -1,4 +1,5 @@
-"""The plan: what a run folder holds and which worker makes which row, fixed before any weight is read.
+"""The grid: the cells a config asks for and the batches they are made in, fixed before any weight is
+read (identity is in `identity`, the claim in `planfile`, shards in `launch`).
 
 - **Identity**: the config keys that define what a row means (model, vectors, decoding, the grid,
   prompts, metrics), with a short hash. The hash names the default folder and is part of every

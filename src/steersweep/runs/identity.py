@@ -1,4 +1,5 @@
-"""TODO"""
+"""A run's identity: the config keys and input file digests that decide its rows, their hash (the
+run folder's name), and the refusal when a folder holds another run."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO"""
+"""Who runs what: a Slurm array task's shard, worker names, and the commands that resume or finish a
+run."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO"""
+"""plan.json: the run's cells and batches written once, claimed by the first worker, read by the rest."""
 
 from __future__ import annotations
 

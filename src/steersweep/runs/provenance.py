@@ -1,4 +1,4 @@
-"""TODO"""
+"""Provenance for the manifest: git commit, package versions, host."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO"""
+"""Behaviour probability: A/B or continuation items scored under steering, per item and summarised."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Steering vectors: compute them (contrastive activation addition), save, load, validate.
+"""Steering directions computed from contrast pairs: mean difference (CAA), PCA, logistic probe.
 
 A vector for layer L lives in the residual stream *after* decoder layer L (TransformerLens
 `blocks.L.hook_resid_post`, which is also `blocks.{L+1}.hook_resid_pre`). Vectors are kept in

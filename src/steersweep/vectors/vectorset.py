@@ -1,4 +1,5 @@
-"""TODO"""
+"""`VectorSet` and its files: safetensors written with metadata, and read back from ours,
+repeng/llama.cpp control vectors (GGUF) and TransformerLens-style .pt files (weights_only)."""
 
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def save(vs: VectorSet, path: str | Path) -> Path:
     return path
 
 
-GGUF_ARCH = "controlvector"  # llama.cpp control vectors (see exchange.py)
+GGUF_ARCH = "controlvector"  # llama.cpp control vectors (see vectors/exchange.py)
 
 
 def read_control_vector(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
