@@ -14,7 +14,7 @@ from test_config import make
 
 from steersweep.core.fileio import claim, clean_stale_tmp
 from steersweep.runs.folder import RunFolder
-from steersweep.runs.grid import expand
+from steersweep.runs.grid import Grid, expand
 from steersweep.runs.identity import folder_for, identity, identity_hash
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,9 @@ def test_default_folders_differ_by_config_and_are_readable(tmp_path, monkeypatch
     assert folder_for(make("run_dir=/x/y"), ha) == Path("/x/y")
     # the identity hash is part of every cell id: two configs never share a cell id
     prompts = [{"id": "p", "prompt": "hi"}]
-    assert not {c.cell_id for c in expand(a, prompts, ha)} & {c.cell_id for c in expand(b, prompts, hb)}
+    assert not {c.cell_id for c in expand(Grid.of(a), prompts, ha)} & {
+        c.cell_id for c in expand(Grid.of(b), prompts, hb)
+    }
 
 
 def test_stale_tmp_files_of_dead_writers_are_removed_live_ones_kept(tmp_path):
@@ -96,7 +98,7 @@ def test_status_of_a_half_done_sharded_folder(tmp_path, capsys):
     prompts = [{"id": f"p{i}", "prompt": "x"} for i in range(4)]
     folder = RunFolder(run)
     folder.create()
-    plan = claim_plan(cfg, run, expand(cfg, prompts, h), ident, h)
+    plan = claim_plan(Grid.of(cfg), run, expand(Grid.of(cfg), prompts, h), ident, h)
     for b in deal(plan.batches, 0, 2):
         folder.write_part([{"cell_id": c.cell_id, "worker": "s0of2"} for c in b.cells], "s0of2")
     r = _run("task=status", f'run_dir="{run}"')  # Hydra's quoting: the path has a quote
@@ -116,8 +118,8 @@ def test_status_of_a_half_done_sharded_folder(tmp_path, capsys):
     # a worker that ends before the others prints a status command that works as printed too
     from steersweep.pipeline.finish import finish
 
-    finish(cfg, folder, plan, 11)
-    see = capsys.readouterr().out.split("see: ")[1].splitlines()[0].strip()
+    said = "\n".join(finish(cfg, folder, plan, 11)["said"])
+    see = said.split("see: ")[1].splitlines()[0].strip()
     r3 = subprocess.run(see.replace("python", f"{sys.executable}", 1), shell=True, cwd=ROOT, capture_output=True,
                         text=True, timeout=300)  # fmt: skip
     assert r3.returncode == 0 and "cells present: 11/16" in r3.stdout, (see, r3.stderr[-2000:])

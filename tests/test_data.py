@@ -411,16 +411,16 @@ def test_concept_follows_the_dataset_unless_set(tmp_path):
     write(caa, CAA_AB)
     cfg = make("eval.metrics=[distinct]", vectors__dataset=str(caa))
     validate_static(cfg)
-    assert concepts(cfg) == [("refusal", str(caa))]
+    assert concepts(cfg.vectors) == [("refusal", str(caa))]
     assert folder_for(cfg, "h").name == "smollm2_135m-refusal-h"
     assert list(validate_inputs(cfg, None)["pairs"]) == ["refusal"]
-    assert concepts(make(f"vectors.dataset=[sentiment_pairs,{caa}]")) == [
+    assert concepts(make(f"vectors.dataset=[sentiment_pairs,{caa}]").vectors) == [
         ("sentiment", "sentiment_pairs"), ("refusal", str(caa))
     ]  # fmt: skip
-    assert concepts(make("vectors.concept=no_refusal", f"vectors.dataset={caa}")) == [("no_refusal", str(caa))]
+    assert concepts(make("vectors.concept=no_refusal", f"vectors.dataset={caa}").vectors) == [("no_refusal", str(caa))]
     # the default dataset keeps its name, and default runs keep their identity (their folders resume)
     default = make()
-    assert concepts(default) == [("sentiment", "sentiment_pairs")]
+    assert concepts(default.vectors) == [("sentiment", "sentiment_pairs")]
     assert identity_hash(identity(default)) == identity_hash(identity(make("vectors.concept=sentiment")))
 
 

@@ -145,8 +145,8 @@ def test_scoring_under_backoff_equals_plain_scoring():
 def test_plan_prints_headroom_and_rows_per_device(capsys):
     cfg = make("task=plan", "model=llama70b", "model.path=/nonexistent/llama70b", "generation.max_new_tokens=64",
                "memory.plan_hardware=[2x80GiB,1x80GiB+256GiB]")  # fmt: skip
-    p2, p1 = plan(cfg)
-    out = capsys.readouterr().out
+    (p2, p1), said = plan(cfg)
+    out = "\n".join(said)
     seq = int(re.search(r"rows sized for (\d+) tokens", out).group(1))
     assert seq >= 64
     # 2 x 80 GiB: ~65.7 GiB of weights each; headroom is the rest of the card
@@ -172,8 +172,8 @@ def test_plan_prints_headroom_and_rows_per_device(capsys):
 
 def test_plan_of_default_model_has_no_empty_layer_rows(capsys):
     """The embedded model fits one GPU: accelerate maps it as {"": last GPU}; every layer is counted."""
-    plans = plan(make("task=plan"))
-    out = capsys.readouterr().out
+    plans, said = plan(make("task=plan"))
+    out = "\n".join(said)
     for p in plans:
         assert sum(p.layers_per_device.values()) == 30, p.layers_per_device
     assert not re.search(r"GiB, +0 decoder layers", out), out
@@ -182,9 +182,9 @@ def test_plan_of_default_model_has_no_empty_layer_rows(capsys):
 
 def test_plan_honours_4bit_quantization(capsys):
     base = "model=llama70b", "model.path=/nonexistent/llama70b", "memory.plan_hardware=[1x80GiB]"
-    (bf16,) = plan(make("task=plan", *base))
-    (q4,) = plan(make("task=plan", *base, "model.quantization=4bit"))
-    out = capsys.readouterr().out
+    (bf16,), _ = plan(make("task=plan", *base))
+    (q4,), said = plan(make("task=plan", *base, "model.quantization=4bit"))
+    out = "\n".join(said)
     assert "4bit quantized" in out and "0.5 bytes/param" in out
     # reference, written out: decoder linear weights at 0.5 bytes, embeddings + head + norms at 2
     c = make("model=llama70b").model
@@ -228,15 +228,15 @@ def test_quantization_without_bitsandbytes_or_cuda_is_one_line():
 
 def test_slurm_tasks_are_independent_workers():
     env = {"SLURM_NTASKS": "4", "SLURM_PROCID": "2", "SLURM_LOCALID": "2"}
-    d = Dist.from_cfg(make("data_parallel=true"), env)
+    d = Dist.of(make("data_parallel=true").data_parallel, env)
     assert (d.rank, d.world, d.independent, d.is_main) == (2, 4, True, True)
     assert d.local_gpu == (None if not torch.cuda.is_available() else d.local_gpu)
     assert d.broadcast("x") == "x" and d.gather({"a": 1}) == [{"a": 1}]
     d.raise_any(None)
     with pytest.raises(KeyError):
         d.raise_any(KeyError("own"))
-    assert Dist.from_cfg(make(), env).world == 1  # without data_parallel the tasks are not split
-    assert Dist.from_cfg(make("data_parallel=true"), {}).world == 1
+    assert Dist.of(make().data_parallel, env).world == 1  # without data_parallel the tasks are not split
+    assert Dist.of(make("data_parallel=true").data_parallel, {}).world == 1
 
 
 @pytest.mark.parametrize("offline", [True, False])

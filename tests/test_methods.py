@@ -577,12 +577,12 @@ def grid(**steering):
 
 
 def test_the_grid_has_every_method_mode_and_layer_set_once():
-    from steersweep.runs.grid import cell_key, expand, layer_sets
+    from steersweep.runs.grid import Grid, cell_key, expand, layer_sets
 
     prompts = [{"id": "p0", "prompt": "a"}, {"id": "p1", "prompt": "b"}]
     cfg = grid(layers=[1, [1, 3], "all"], mode=["add", "ablate"])
     cfg.vectors.method = ["mean_diff", "pca_diff"]
-    cells = expand(cfg, prompts, "h", num_layers=4)
+    cells = expand(Grid.of(cfg), prompts, "h", num_layers=4)
     assert len(cells) == 2 * 2 * 2 * 3 * 2 and len({c.cell_id for c in cells}) == len(cells)
     assert {c.label for c in cells} == {"1", "1+3", "all"}
     assert {c.steered_layers for c in cells} == {(1,), (1, 3), (0, 1, 2, 3)}
@@ -599,7 +599,7 @@ def test_the_grid_has_every_method_mode_and_layer_set_once():
         assert [c.alpha for c in mine[:12]] == [0.0] * 12 and 0.0 not in [c.alpha for c in mine[12:]]
         assert len({c.seed for c in mine[:12]}) == 1 and len({c.decode_key for c in mine[:12]}) == 1
     # a plain grid (single layers, one method, one mode) keeps the ids it had before these axes
-    plain = expand(grid(layers=[1, 2]), prompts, "h")
+    plain = expand(Grid.of(grid(layers=[1, 2])), prompts, "h")
     assert [c.cell_id for c in plain] == [
         cell_key("h", layer, alpha, p["id"], 0) for p in prompts for alpha in (0.0, 2.0) for layer in (1, 2)
     ]

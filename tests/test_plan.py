@@ -15,8 +15,8 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 def test_llama70b_plan_on_stated_hardware(capsys):
     cfg = make("task=plan", "model=llama70b", "model.path=/nonexistent/llama70b",
                "memory.plan_hardware=[8x80GiB,4x80GiB,2x80GiB,2x48GiB+256GiB]")  # fmt: skip
-    plans = plan(cfg)
-    out = capsys.readouterr().out
+    plans, said = plan(cfg)
+    out = "\n".join(said)
     assert "80 layers" in out
     assert "grid: 16 prompts x 5 layers x 7 alphas = 560 cells" in out  # its own grid: layers 20-48 of 80
     p8, p4, p2, p2small = plans
@@ -49,7 +49,6 @@ def test_plan_names_the_grid_axes_and_their_cells(capsys):
     cfg = make("task=plan", "memory.plan_hardware=[1x24GiB]", "steering.layers=[10,[10,14],all]",
                "vectors.method=[mean_diff,logistic]", "steering.mode=[add,ablate]", "steering.alphas=[0,1]",
                "prompts.limit=3")  # fmt: skip
-    plan(cfg)
-    assert "grid: 3 prompts x 2 methods x 2 modes x 3 layer sets x 2 alphas = 72 cells" in capsys.readouterr().out
-    plan(make("task=plan", "memory.plan_hardware=[1x24GiB]", "prompts.limit=3"))
-    assert "grid: 3 prompts x 3 layers x 5 alphas = 45 cells" in capsys.readouterr().out
+    assert "grid: 3 prompts x 2 methods x 2 modes x 3 layer sets x 2 alphas = 72 cells" in "\n".join(plan(cfg)[1])
+    said = plan(make("task=plan", "memory.plan_hardware=[1x24GiB]", "prompts.limit=3"))[1]
+    assert "grid: 3 prompts x 3 layers x 5 alphas = 45 cells" in "\n".join(said)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from steersweep.runs.folder import RunFolder
-from steersweep.runs.grid import deal, expand, todo
+from steersweep.runs.grid import Grid, deal, expand, todo
 from steersweep.runs.identity import identity_hash
 from steersweep.runs.planfile import claim_plan
 
@@ -39,7 +39,7 @@ class Incarnation:
     def __init__(self, folder: RunFolder, cfg, prompts, shard: int, n_shards: int):
         ident = {"grid": OmegaConf.to_container(cfg.steering), "prompts": [p["id"] for p in prompts]}
         h = identity_hash(ident)
-        plan = claim_plan(cfg, folder.path, expand(cfg, prompts, h), ident, h)
+        plan = claim_plan(Grid.of(cfg), folder.path, expand(Grid.of(cfg), prompts, h), ident, h)
         self.folder, self.name = folder, f"s{shard}of{n_shards}"
         self.plan = plan
         self.queue = todo(plan.batches, folder.done_cells(), shard, n_shards)

@@ -270,6 +270,6 @@ def test_task_report_prints_the_page(tmp_path, capsys):
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["task=report", f"run_dir='{a}'", f"report.compare_runs=['{b}']"])
-    run(cfg)
-    assert capsys.readouterr().out.splitlines()[-1] == f"report written to {a / 'report' / 'index.html'}"
+    said = run(cfg).said
+    assert said[-1] == f"report written to {a / 'report' / 'index.html'}"
     assert (a / "report" / "index.html").is_file() and (a / "report" / "summary.md").is_file()

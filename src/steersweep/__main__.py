@@ -37,7 +37,8 @@ log = logging.getLogger("steersweep")
 def _run(cfg: DictConfig) -> None:
     with RunLog(cfg) as keep:
         try:
-            run(cfg)
+            for line in run(cfg).said:  # the library returns values; the command line says them
+                print(line)
         except USER_ERRORS as e:
             keep.write(f"error: {e}")  # the run's log only: the console gets it once, below
             print(f"error: {e}", file=sys.stderr)

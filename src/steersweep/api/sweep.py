@@ -118,12 +118,14 @@ class Sweep:
         from steersweep.pipeline import tasks as app
 
         if self.loaded is None:
-            summary = app.run(self.cfg)
+            summary = app.run(self.cfg).value
         else:
             from steersweep.pipeline.sweep import run_sweep
 
             app.set_threads()
             summary = run_sweep(self.cfg, self.loaded[0], self.loaded[1], getattr(self.loaded, "info", None))
+        for line in summary.pop("said", []):  # what the CLI says at the end, said in the notebook too
+            print(line)
         self.summary = summary
         if "table" not in summary:
             raise ResultsError(

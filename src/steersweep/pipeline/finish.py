@@ -61,17 +61,18 @@ def manifest(
 
 
 def finish(cfg: DictConfig, folder: RunFolder, plan: RunPlan, written: int) -> dict:
-    """Merge and report when every cell of the plan is present; else say what is missing."""
+    """Merge and report when every cell of the plan is present; else say what is missing. The
+    summary's "said" holds the lines the CLI prints."""
     done = folder.done_cells()
     all_ids = {c.cell_id for c in plan.cells}
     present = len(all_ids & done)
     summary = {"written": written, "run_dir": str(folder.path), "cells": len(all_ids), "present": present}
     if present < len(all_ids):
-        print(
+        summary["said"] = [
             f"wrote {written} new rows into {folder.parts}; {present}/{len(all_ids)} cells present "
-            f"(the other shards' batches; the last worker to finish merges).\n"
-            f"  see: {cli_command()} task=status {run_dir_arg(folder.path)}"
-        )
+            f"(the other shards' batches; the last worker to finish merges).",
+            f"  see: {cli_command()} task=status {run_dir_arg(folder.path)}",
+        ]
         return summary
     df, path = folder.merge(csv=cfg.report.csv, keep=all_ids)
     summary.update(table=str(path), rows=len(df))
@@ -79,7 +80,7 @@ def finish(cfg: DictConfig, folder: RunFolder, plan: RunPlan, written: int) -> d
         from steersweep.reporting.write import write_report
 
         summary["report"] = str(write_report(folder.path, cfg.report))
-    print(end_summary(df, path, written, cfg, summary.get("report")))
+    summary["said"] = end_summary(df, path, written, cfg, summary.get("report")).splitlines()
     return summary
 
 
@@ -100,7 +101,9 @@ def end_summary(df, path, written: int, cfg: DictConfig, report: str | None) -> 
     if steer:
         lines.append(f"  {steer}")
     if report:
-        html = Path(report).with_name("index.html")
+        from steersweep.reporting.write import PAGE
+
+        html = Path(report).with_name(PAGE)
         lines.append(f"  report: {html if html.is_file() else report}")
     return "\n".join(lines)
 
@@ -124,7 +127,8 @@ def folder_steerability(run_dir: Path, cfg: DictConfig) -> str:
 
 
 def status(folder: RunFolder) -> dict:
-    """Cells done per shard, cells missing, and the command that finishes them (`task=status`)."""
+    """Cells done per shard, cells missing, and the command that finishes them (`task=status`); "said"
+    holds the lines the CLI prints."""
     doc = read_plan_doc(folder.path)
     if doc is None:
         raise ConfigError(f"{folder.path} holds no plan.json: not a run folder (check run_dir)")
@@ -142,9 +146,9 @@ def status(folder: RunFolder) -> dict:
                 counts.add(int(w[1:].split("of")[1].split("r")[0]))
     missing = [i for i, b in enumerate(batches) if not set(b) <= done]
     n_missing = sum(1 for i in order if i not in done)
-    print(f"run folder {folder.path} (identity {doc['identity_hash']})")
-    print(f"plan: {len(order)} cells in {len(batches)} batches of {size}")
-    print(
+    said = [f"run folder {folder.path} (identity {doc['identity_hash']})"]
+    said.append(f"plan: {len(order)} cells in {len(batches)} batches of {size}")
+    said.append(
         f"cells present: {len(order) - n_missing}/{len(order)}; batches complete: {len(batches) - len(missing)}/{len(batches)}"
     )
     shards = {}
@@ -154,7 +158,7 @@ def status(folder: RunFolder) -> dict:
             cells = [c for b in mine for c in b]
             got = sum(c in done for c in cells)
             shards[f"{i}of{n}"] = (got, len(cells))
-            print(
+            said.append(
                 f"  shard {i} of {n}: {got}/{len(cells)} cells, {sum(set(b) <= done for b in mine)}/{len(mine)} batches"
             )
     if n_missing:
@@ -162,13 +166,17 @@ def status(folder: RunFolder) -> dict:
         layers = sorted({str(x[4]) if len(x) > 4 else str(x[0]) for x in lost}, key=lambda v: (len(v), v))
         alphas = sorted({float(x[1]) for x in lost})
         prompts = sorted({str(x[2]) for x in lost})
-        print(
+        said.append(
             f"missing: {n_missing} cells in batches {', '.join(f'b{i:05d}' for i in missing[:8])}"
             + (" ..." if len(missing) > 8 else "")
             + f" (layers {layers}, alphas {alphas}, {len(prompts)} prompts)"
         )
-        print(f"finish with: {finish_command(list(doc.get('command') or []), folder.path)}")
+        said.append(f"finish with: {finish_command(list(doc.get('command') or []), folder.path)}")
     else:
-        print("complete: every cell is present" + ("" if (folder.path / "results.parquet").is_file() else
-                                                     "; merge with task=merge"))  # fmt: skip
-    return {"cells": len(order), "present": len(order) - n_missing, "missing_batches": missing, "shards": shards}
+        said.append(
+            "complete: every cell is present" + ("" if folder.results_path.is_file() else "; merge with task=merge")
+        )
+    return {
+        "cells": len(order), "present": len(order) - n_missing, "missing_batches": missing, "shards": shards,
+        "said": said,
+    }  # fmt: skip

@@ -21,14 +21,14 @@ from steersweep.inputs.encoding import encode_prompts
 from steersweep.model import memory as M
 from steersweep.pipeline.finish import finish, manifest
 from steersweep.pipeline.validate import validate_inputs, validate_model, validate_static
-from steersweep.pipeline.vectorstage import get_vectors, vector_path
+from steersweep.pipeline.vectorstage import get_vectors
 from steersweep.runs.folder import RunFolder
-from steersweep.runs.grid import Batch, Cell, deal, expand, grid_origin
+from steersweep.runs.grid import Batch, Cell, Grid, deal, expand
 from steersweep.runs.grid import todo as plan_todo
 from steersweep.runs.identity import folder_for, identity, identity_hash
 from steersweep.runs.launch import shard_of, worker_name
 from steersweep.runs.planfile import RunPlan, claim_plan
-from steersweep.scoring.scorer import Scorer, steering_of
+from steersweep.scoring.scorer import Scorer, ScoreSettings, steering_of
 from steersweep.vectors.vectorset import VectorSet, save
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class Prepared:
     """What rank 0 learns before any weight is read, broadcast to every rank."""
 
     hf: object
+    grid: Grid
     inputs: dict
     folder: RunFolder
     plan: RunPlan
@@ -56,17 +57,18 @@ def prepare(cfg: DictConfig) -> Prepared:
     validate_static(cfg)
     shard = shard_of(cfg)
     hf = validate_model(cfg)
+    grid = Grid.of(cfg)
     inputs = validate_inputs(cfg, hf)
     ident = identity(cfg)
     h = identity_hash(ident)
     folder = RunFolder(folder_for(cfg, h))
     try:
         folder.create()
-        cells = expand(cfg, inputs["prompts"], h, hf.num_hidden_layers)
-        plan = claim_plan(cfg, folder.path, cells, ident, h)
+        cells = expand(grid, inputs["prompts"], h, hf.num_hidden_layers)
+        plan = claim_plan(grid, folder.path, cells, ident, h)
     except (ResultsError, PlanError) as e:
         raise ConfigError(str(e)) from None
-    return Prepared(hf, inputs, folder, plan, shard, folder.done_cells())
+    return Prepared(hf, grid, inputs, folder, plan, shard, folder.done_cells())
 
 
 def run_sweep(cfg: DictConfig, model=None, tokenizer=None, load_info: dict | None = None) -> dict:
@@ -77,11 +79,11 @@ def run_sweep(cfg: DictConfig, model=None, tokenizer=None, load_info: dict | Non
     """
     from steersweep.runs.distributed import Dist
 
-    dist = Dist.from_cfg(cfg)
+    dist = Dist.of(bool(cfg.data_parallel))
     st: Prepared = dist.call_on_main(lambda: prepare(cfg))
     folder, plan = st.folder, st.plan
     worker = worker_name(st.shard, dist.rank, dist.world)
-    log.info("grid: %s", grid_origin(cfg))
+    log.info("grid: %s", st.grid.origin)
     w, n = st.shard[0] * dist.world + dist.rank, st.shard[1] * dist.world  # this worker of n
     mine, todo = deal(plan.batches, w, n), plan_todo(plan.batches, st.done, w, n)
     log.info(
@@ -96,7 +98,7 @@ def run_sweep(cfg: DictConfig, model=None, tokenizer=None, load_info: dict | Non
 
                 model, tokenizer, load_info = load_model(cfg.model, cfg.memory, gpu=dist.local_gpu)
             tokenizer.padding_side = "left"
-            vsets = get_vectors(cfg, model, tokenizer, st.inputs, folder)
+            vsets = get_vectors(st.grid, cfg.vectors, cfg.model, model, tokenizer, st.inputs, folder)
             if dist.is_main and (folder.read_manifest() is None or st.shard[0] == 0):
                 folder.write_manifest(manifest(cfg, plan, vsets, load_info, st.shard))
             written = generate_batches(cfg, model, tokenizer, vsets, st.inputs, todo, folder, worker, dist.is_main)
@@ -132,7 +134,11 @@ def generate_batches(
     longest = max(len(prompt_ids[c.prompt_id]) for b in batches for c in b.cells) + gen.max_new_tokens
     chunk = M.rows_that_fit(model, longest, gen.max_batch_size, layers_path=cfg.model.layers_path)
     log.info("generating %d batches; up to %d rows per generate call", len(batches), chunk)
-    scorer = Scorer(cfg, model, tokenizer, vsets, inputs, prompt_ids, folder)
+    settings = ScoreSettings(
+        cfg.model.name, cfg.model.layers_path, cfg.steering.positions, cfg.generation.chat_template,
+        tuple(cfg.eval.metrics), dict(cfg.eval.regex), bool(cfg.eval.behavior_length_normalize), cfg.eval.judge,
+    )  # fmt: skip
+    scorer = Scorer(settings, model, tokenizer, vsets, inputs, prompt_ids, folder)
     n_rows = sum(len(b.cells) for b in batches)
     planned = scorer.planned_sequences(batches)  # scoring is part of the job's progress, not after its 100%
     progress = Progress(n_rows, gen.max_new_tokens, bool(cfg.progress and show_progress), cfg.progress_every_s,
@@ -210,14 +216,14 @@ def compute_vectors_only(cfg: DictConfig) -> dict:
 
     model, tokenizer, _ = load_model(cfg.model, cfg.memory)
     tokenizer.padding_side = "left"
-    vsets = get_vectors(cfg, model, tokenizer, st.inputs, st.folder)
-    keys = list(vsets)
+    vsets = get_vectors(st.grid, cfg.vectors, cfg.model, model, tokenizer, st.inputs, st.folder)
+    keys, said = list(vsets), []
     for key, vs in vsets.items():
-        path = vector_path(st.folder, keys, key)
+        path = st.folder.vectors_path(keys, key)
         if not path.is_file():
             save(vs, path)
         for layer in sorted(vs.vectors):
-            print(f"{'/'.join(key) + ' ' if len(keys) > 1 else ''}layer {layer}: |v| = {vs.norm(layer):.3f}  "
-                  f"mean |h| = {vs.resid_norms.get(layer, float('nan')):.3f}")  # fmt: skip
-        print(f"vectors saved to {path}")
-    return {"vectors": str(vector_path(st.folder, keys, keys[0]))}
+            said.append(f"{'/'.join(key) + ' ' if len(keys) > 1 else ''}layer {layer}: |v| = {vs.norm(layer):.3f}  "
+                        f"mean |h| = {vs.resid_norms.get(layer, float('nan')):.3f}")  # fmt: skip
+        said.append(f"vectors saved to {path}")
+    return {"vectors": str(st.folder.vectors_path(keys, keys[0])), "said": said}

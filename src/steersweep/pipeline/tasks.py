@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -12,57 +14,57 @@ from steersweep.core.errors import ConfigError
 from steersweep.model.dtypes import torch_dtype
 from steersweep.model.placement import max_memory, parse_hardware, plan_device_map
 from steersweep.pipeline.validate import validate_model, validate_static
-from steersweep.runs.grid import grid_origin
+from steersweep.runs.grid import Grid, expand
 
 log = logging.getLogger("steersweep")
 
 
-def grid_line(cfg: DictConfig, num_layers: int, prompts: list[dict]) -> str:
+def grid_line(grid: Grid, num_layers: int, prompts: list[dict]) -> str:
     """The sweep's grid in words: each axis with more than one value, and the cells the plan makes."""
-    from steersweep.runs.grid import as_list, concepts, expand, layer_sets
-
-    sets = layer_sets(cfg.steering.layers, num_layers)
+    sets = grid.layer_sets(num_layers)
     axes = [
         (len(prompts), "prompts"),
-        (len(concepts(cfg)), "concepts"),
-        (len(as_list(cfg.vectors.method)), "methods"),
-        (len(as_list(cfg.steering.mode)), "modes"),
+        (len(grid.concepts), "concepts"),
+        (len(grid.methods), "methods"),
+        (len(grid.modes), "modes"),
         (len(sets), "layers" if all(len(ls) == 1 and label != "all" for label, ls in sets) else "layer sets"),
-        (len(cfg.steering.alphas), "alphas"),
-        (int(cfg.steering.samples), "samples"),
+        (len(grid.alphas), "alphas"),
+        (grid.samples, "samples"),
     ]
     shown = [f"{n} {name}" for n, name in axes if n != 1 or name in ("prompts", "layers", "layer sets", "alphas")]
-    return f"grid: {' x '.join(shown)} = {len(expand(cfg, prompts, '', num_layers))} cells"
+    return f"grid: {' x '.join(shown)} = {len(expand(grid, prompts, '', num_layers))} cells"
 
 
-def plan(cfg: DictConfig) -> list:
-    """Print, per `memory.plan_hardware` shape, the device map the budget gives, each device's
-    headroom after its weights, and the rows of the sweep's length that headroom holds."""
+def plan(cfg: DictConfig) -> tuple[list, list[str]]:
+    """Per `memory.plan_hardware` shape, the device map the budget gives (`Plan`s), and in words (the
+    lines `task=plan` prints): each device's headroom after its weights and the rows of the sweep's
+    length that headroom holds."""
     validate_static(cfg)
     hf = validate_model(cfg, need_checkpoint=False)
     dtype = torch_dtype(cfg.model.dtype) if cfg.model.dtype != "auto" else torch.bfloat16
-    plans = []
+    plans, said = [], []
     quant = cfg.model.quantization
-    print(
+    said.append(
         f"model {cfg.model.name}: {hf.num_hidden_layers} layers, hidden size {hf.hidden_size}, {cfg.model.dtype}"
         + (f", {quant} quantized (bitsandbytes)" if quant else "")
     )
-    print(f"budget: {cfg.memory.gpu_fraction:.0%} of each GPU, CPU spill {cfg.memory.cpu}")
+    said.append(f"budget: {cfg.memory.gpu_fraction:.0%} of each GPU, CPU spill {cfg.memory.cpu}")
     from steersweep.inputs import datasets as data
 
     prompts = data.load_prompts(cfg.prompts.dataset, cfg.prompts.limit)  # read once: the grid and the lengths
-    print(grid_line(cfg, hf.num_hidden_layers, prompts))
-    print(f"  {grid_origin(cfg)}")
+    grid = Grid.of(cfg)
+    said.append(grid_line(grid, hf.num_hidden_layers, prompts))
+    said.append(f"  {grid.origin}")
     from steersweep.core.runtime import cpu_budget
     from steersweep.core.units import fmt_bytes
 
     # The shapes below are hypothetical; this line is what a run in this very job would get, with the
     # limit that set it (a Slurm --mem or cgroup limit the node's RAM figure does not show).
     cpu_here, cpu_why = cpu_budget(str(cfg.memory.cpu))
-    print(f"CPU budget here: {fmt_bytes(cpu_here)} ({cpu_why})")
+    said.append(f"CPU budget here: {fmt_bytes(cpu_here)} ({cpu_why})")
     prompt_len, how = prompt_tokens(cfg, [p["prompt"] for p in prompts])
     seq_len = prompt_len + int(cfg.generation.max_new_tokens)
-    print(
+    said.append(
         f"rows sized for {seq_len} tokens: longest prompt {prompt_len} ({how}) + max_new_tokens "
         f"{cfg.generation.max_new_tokens}; headroom = device memory - weights, 90% of it for rows"
     )
@@ -77,17 +79,17 @@ def plan(cfg: DictConfig) -> list:
         p = plan_device_map(
             hf, budget, dtype, spec, cfg.model.device_map, cfg.model.trust_remote_code, quant, seq_len, totals
         )
-        print(p.render())
+        said.append(p.render())
         if "disk" in p.bytes_per_device and not cfg.memory.disk_offload:
-            print("  does NOT load as configured: weights left over for disk, and memory.disk_offload=false")
+            said.append("  does NOT load as configured: weights left over for disk, and memory.disk_offload=false")
         weights = sum(p.bytes_per_device.values())
         if len(gpus) > 1 and weights <= budget.get(0, 0):
-            print(
+            said.append(
                 f"  a replica ({fmt_bytes(weights)}) fits on one GPU: {len(gpus)} at once, one process per GPU: "
                 f"sbatch --ntasks-per-node={len(gpus)} slurm/submit_per_gpu.sh model={cfg.model.name}"
             )
         plans.append(p)
-    return plans
+    return plans, said
 
 
 def prompt_tokens(cfg: DictConfig, texts: list[str]) -> tuple[int, str]:
@@ -125,11 +127,20 @@ def set_threads() -> None:
         torch.set_num_threads(max(1, int(cpus)))
 
 
-def run(cfg: DictConfig) -> dict | list | Path:
+@dataclass
+class Outcome:
+    """What a task made (`value`: the run's summary, the plans, the report's page...) and the lines the
+    CLI prints about it (`said`)."""
+
+    value: Any
+    said: list[str] = field(default_factory=list)
+
+
+def run(cfg: DictConfig) -> Outcome:
     """Dispatch on `cfg.task`."""
     set_threads()
     if cfg.task == "plan":
-        return plan(cfg)
+        return Outcome(*plan(cfg))
     if cfg.task in ("merge", "report", "status"):
         from steersweep.pipeline.finish import status
         from steersweep.pipeline.sweep import run_folder
@@ -139,23 +150,27 @@ def run(cfg: DictConfig) -> dict | list | Path:
         if not folder.path.is_dir():
             raise ConfigError(f"run folder {folder.path} does not exist: set run_dir to a run's folder")
         if cfg.task == "status":
-            return status(folder)
-        if cfg.task == "merge" or not (folder.path / "results.parquet").is_file():
+            counts = status(folder)
+            return Outcome(counts, counts.pop("said"))
+        said = []
+        if cfg.task == "merge" or not folder.results_path.is_file():
             doc = read_plan_doc(folder.path)
             df, path = folder.merge(csv=cfg.report.csv, keep={r[0] for r in doc["cells"]} if doc else None)
-            print(f"merged {len(df)} rows into {path}")
+            said.append(f"merged {len(df)} rows into {path}")
             if cfg.task == "merge":
-                return path
+                return Outcome(path, said)
         from steersweep.reporting.write import PAGE, write_report
 
         summary = write_report([folder.path, *map(Path, cfg.report.compare_runs)], cfg.report)
         page = summary.with_name(PAGE)  # the front page: summary, tables, plots, completions browser
-        print(f"report written to {page}")
-        return page
+        said.append(f"report written to {page}")
+        return Outcome(page, said)
     if cfg.task == "vectors":
-        from steersweep.pipeline.vectorstage import compute_vectors_only
+        from steersweep.pipeline.sweep import compute_vectors_only
 
-        return compute_vectors_only(cfg)
+        made = compute_vectors_only(cfg)
+        return Outcome(made, made.pop("said"))
     from steersweep.pipeline.sweep import run_sweep
 
-    return run_sweep(cfg)
+    summary = run_sweep(cfg)
+    return Outcome(summary, summary.pop("said", []))

@@ -84,7 +84,7 @@ def validate_static(cfg: DictConfig) -> None:
             check(isinstance(v, str) and v in known, f"{key}={v}: use one of {', '.join(known)} (or a list of them)")
         check(len(set(values)) == len(values), f"{key}={values} repeats a value: list each once")
     try:
-        names = [c for c, _ in concepts(cfg)]
+        names = [c for c, _ in concepts(cfg.vectors)]
     except ValueError as e:
         raise ConfigError(str(e)) from None
     check(len(set(names)) == len(names), f"vectors.concept={names} repeats a concept: list each once")
@@ -288,7 +288,7 @@ def behavior_datasets(cfg: DictConfig) -> dict[str, str]:
     list with one per concept (in `vectors.concept`'s order)."""
     from steersweep.runs.grid import as_list, concepts
 
-    names = [c for c, _ in concepts(cfg)]
+    names = [c for c, _ in concepts(cfg.vectors)]
     given = [str(x) for x in as_list(cfg.eval.behavior_dataset)]
     if len(given) == 1:
         return dict.fromkeys(names, given[0])
@@ -311,7 +311,7 @@ def validate_inputs(cfg: DictConfig, hf) -> dict:
     try:
         out["prompts"] = datasets.load_prompts(cfg.prompts.dataset, cfg.prompts.limit)
         if cfg.vectors.source == "compute":  # {concept: pairs}
-            out["pairs"] = {concept: datasets.load_pairs(source) for concept, source in concepts(cfg)}
+            out["pairs"] = {concept: datasets.load_pairs(source) for concept, source in concepts(cfg.vectors)}
         if "word_rate" in cfg.eval.metrics:
             out["word_lists"] = datasets.load_word_lists(cfg.eval.word_lists)
         if "behavior_prob" in cfg.eval.metrics:
@@ -334,15 +334,15 @@ def validate_inputs(cfg: DictConfig, hf) -> dict:
         raise ConfigError(str(e)) from None
     if cfg.vectors.source == "file":  # {concept: VectorSet}
         from steersweep.core.errors import VectorError
-        from steersweep.runs.grid import all_layers, concepts
+        from steersweep.runs.grid import Grid, concepts
         from steersweep.vectors.vectorset import load
 
         out["vectors"] = {}
-        named = concepts(cfg)
+        named = concepts(cfg.vectors)
         for concept, path in named:
             try:  # one file: its own concept name (e.g. a GGUF's); several: the names given for them
                 vs = load(path, concept if len(named) > 1 else None)
-                vs.validate(hf.hidden_size, hf.num_hidden_layers, all_layers(cfg, hf.num_hidden_layers))
+                vs.validate(hf.hidden_size, hf.num_hidden_layers, Grid.of(cfg).all_layers(hf.num_hidden_layers))
             except VectorError as e:
                 raise ConfigError(str(e)) from None
             out["vectors"][concept] = vs

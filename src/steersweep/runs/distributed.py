@@ -41,9 +41,11 @@ class Dist:
         return self.rank == 0 or self.independent
 
     @classmethod
-    def from_cfg(cls, cfg, environ: dict[str, str] | None = None) -> Dist:
+    def of(cls, data_parallel: bool, environ: dict[str, str] | None = None) -> Dist:
+        """The ranks of this job: one process unless `data_parallel` and a launcher (torchrun,
+        accelerate, srun with several tasks) started several."""
         env = os.environ if environ is None else environ
-        if not cfg.data_parallel:
+        if not data_parallel:
             return cls()
         if "WORLD_SIZE" not in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
             return cls.slurm_tasks(env)

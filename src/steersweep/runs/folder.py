@@ -96,12 +96,40 @@ def table_from_rows(rows: list[dict]) -> pa.Table:
 
 
 class RunFolder:
-    """A run's results folder: parts, manifest, merge."""
+    """A run's results folder: parts, manifest, merge. It owns every name in the folder; other
+    modules ask it for paths (`results_path`, `plan_path`, `vectors_path`, `logs`, `report_dir`)."""
+
+    RESULTS = "results.parquet"
+    PLAN = "plan.json"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.parts = self.path / "parts"
         self.item_parts = self.path / "items"  # item-*.parquet: per-item behaviour scores, one file per scoring
+        self.logs = self.path / "logs"  # the run log of every job that worked in the folder
+        self.report_dir = self.path / "report"  # the default report folder
+
+    @property
+    def results_path(self) -> Path:
+        """The merged table (rebuilt from the parts at any time)."""
+        return self.path / self.RESULTS
+
+    @property
+    def plan_path(self) -> Path:
+        """plan.json: the claimed identity, cells and batches (`runs.planfile`)."""
+        return self.path / self.PLAN
+
+    def vectors_path(self, keys: list[tuple[str, str]], key: tuple[str, str]) -> Path:
+        """Where the run keeps computed vectors, per (concept, method) of `keys` (the run's, in grid
+        order): `vectors.safetensors` for the first, `vectors-<method>.safetensors` (one concept) or
+        `vectors-<concept>-<method>.safetensors` for the others."""
+        if key == keys[0]:
+            return self.path / "vectors.safetensors"
+        concept, method = key
+        one_concept = len({c for c, _ in keys}) == 1
+        return self.path / (
+            f"vectors-{method}.safetensors" if one_concept else f"vectors-{concept}-{method}.safetensors"
+        )
 
     def create(self) -> None:
         blocker = next((p for p in (self.path, *self.path.parents) if p.exists() and not p.is_dir()), None)
@@ -253,7 +281,7 @@ class RunFolder:
         df = df.sort_values(
             ["concept", "method", "mode", "layer", "layers", "alpha", "prompt_id", "sample"], kind="stable"
         ).reset_index(drop=True)
-        out = self.path / "results.parquet"
+        out = self.results_path
         table = pa.Table.from_pandas(df, preserve_index=False)
         atomic_write_bytes(out, lambda tmp: pq.write_table(table, tmp))
         if csv:

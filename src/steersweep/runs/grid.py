@@ -94,10 +94,10 @@ def as_list(value) -> list:
     return list(value)
 
 
-def concepts(cfg: DictConfig) -> list[tuple[str, str | None]]:
-    """[(concept, its pairs dataset or its vector file)]: `vectors.concept` may be a list, taken
-    place by place with `vectors.dataset` (source=compute) or `vectors.path` (source=file)."""
-    vec = cfg.vectors
+def concepts(vec) -> list[tuple[str, str | None]]:
+    """[(concept, its pairs dataset or its vector file)] from the `vectors` group: `vectors.concept`
+    may be a list, taken place by place with `vectors.dataset` (source=compute) or `vectors.path`
+    (source=file)."""
     names = [str(c) for c in as_list(vec.get("concept", "concept"))]
     source = vec.get("path") if vec.get("source", "compute") == "file" else vec.get("dataset")
     sources = as_list(source) if source is not None else [None]
@@ -147,12 +147,63 @@ def grid_origin(cfg: DictConfig) -> str:
     return "; ".join(said)
 
 
-def all_layers(cfg: DictConfig, num_layers: int | None = None) -> list[int]:
-    """Every layer some cell steers: the layers vectors are needed for."""
-    return sorted({layer for _, ls in layer_sets(cfg.steering.layers, num_layers) for layer in ls})
+def _plain(item):
+    """A `steering.layers` item as plain Python: a layer, "all", or a tuple of layers."""
+    return item if isinstance(item, (str, int)) else tuple(int(x) for x in item)
 
 
-def expand(cfg: DictConfig, prompts: list[dict], ident_hash: str, num_layers: int | None = None) -> list[Cell]:
+@dataclass(frozen=True)
+class Grid:
+    """The sweep's axes, read from the composed config once (`Grid.of`): what the plan is cut from.
+    The stages after the plan (vectors, generation, scoring) take these values and never re-read
+    `steering.*` or `vectors.*`."""
+
+    concepts: tuple[tuple[str, str | None], ...]  # (concept, its pairs dataset or vector file)
+    methods: tuple[str, ...]
+    modes: tuple[str, ...]
+    layers: tuple  # `steering.layers` items as given: a layer, a tuple of layers, or "all"
+    alphas: tuple[float, ...]
+    samples: int
+    seed: int  # generation.seed: each cell's sampling seed derives from it
+    batch_size: int  # planned decodes per batch: generation.batch_size, or DEFAULT_BATCH for 0
+    batch_size_asked: bool  # whether the command named a batch size (0 = the default)
+    origin: str = ""  # where layers and alphas came from, in words (`grid_origin`)
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> Grid:
+        """The grid a composed config asks for. Schema defaults stand in for what a partial config
+        (tests, the API) leaves out, so such configs plan alike."""
+        asked = int(cfg.generation.get("batch_size", 0) or 0)
+        return cls(
+            concepts=tuple(concepts(cfg.vectors)),
+            methods=tuple(str(m) for m in as_list(cfg.vectors.get("method", "mean_diff"))),
+            modes=tuple(str(m) for m in as_list(cfg.steering.get("mode", "add"))),
+            layers=tuple(_plain(x) for x in as_list(cfg.steering.layers)),
+            alphas=tuple(float(x) for x in cfg.steering.alphas),
+            samples=int(cfg.steering.get("samples", 1)),
+            seed=int(cfg.generation.get("seed", 0)),
+            batch_size=asked or DEFAULT_BATCH,
+            batch_size_asked=bool(asked),
+            origin=grid_origin(cfg) if "model" in cfg and "name" in cfg.model else "",
+        )
+
+    @property
+    def concept_names(self) -> list[str]:
+        return [c for c, _ in self.concepts]
+
+    def layer_sets(self, num_layers: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
+        return layer_sets(list(self.layers), num_layers)
+
+    def all_layers(self, num_layers: int | None = None) -> list[int]:
+        """Every layer some cell steers: the layers vectors are needed for."""
+        return sorted({layer for _, ls in self.layer_sets(num_layers) for layer in ls})
+
+    def vector_keys(self) -> list[tuple[str, str]]:
+        """(concept, method) of every vector set the sweep steers with, in grid order."""
+        return [(c, m) for c in self.concept_names for m in self.methods]
+
+
+def expand(grid: Grid, prompts: list[dict], ident_hash: str, num_layers: int | None = None) -> list[Cell]:
     """prompts x concepts x methods x modes x layer sets x alphas x samples, in the canonical order.
 
     Prompt-major: a batch then holds few distinct prompts (little padding; shared prefills are
@@ -161,11 +212,8 @@ def expand(cfg: DictConfig, prompts: list[dict], ident_hash: str, num_layers: in
     batch by `cut`), then its steered cells. A grid of single layers, one method and one mode keeps
     the cell ids it had before those axes existed.
     """
-    sets = layer_sets(cfg.steering.layers, num_layers)
-    alphas = [float(x) for x in cfg.steering.alphas]
-    methods = [str(m) for m in as_list(cfg.vectors.get("method", "mean_diff"))]  # schema defaults: partial
-    modes = [str(m) for m in as_list(cfg.steering.get("mode", "add"))]  # configs (tests, API) plan alike
-    names = [c for c, _ in concepts(cfg)]
+    sets = grid.layer_sets(num_layers)
+    alphas, methods, modes, names = grid.alphas, grid.methods, grid.modes, grid.concept_names
     plain = len(methods) == 1 and len(modes) == 1 and all(len(ls) == 1 and lb != "all" for lb, ls in sets)
     many = len(names) > 1
 
@@ -173,20 +221,16 @@ def expand(cfg: DictConfig, prompts: list[dict], ident_hash: str, num_layers: in
         extra = ("" if plain else f"|{label}|{method}|{mode}") + (f"|{concept}" if many else "")
         cid = cell_key(ident_hash, layers[0], alpha, p["id"], s, extra)
         # the baseline's seed is the prompt's and sample's alone: one unsteered decode for all
-        seed = cell_seed(cfg.generation.seed, *((concept, label) if alpha else ("", "baseline")), alpha, p["id"], s)
+        seed = cell_seed(grid.seed, *((concept, label) if alpha else ("", "baseline")), alpha, p["id"], s)
         return Cell(cid, layers[0], alpha, p["id"], p["prompt"], s, seed, layers, label, concept, method, mode)
 
     variants = [(c, m, mode, lb, ls) for c in names for m in methods for mode in modes for lb, ls in sets]
     cells = []
     for p in prompts:
         if 0.0 in alphas:
-            cells += [cell(p, *v, 0.0, s) for s in range(cfg.steering.samples) for v in variants]
-        cells += [cell(p, *v, a, s) for v in variants for a in alphas if a != 0 for s in range(cfg.steering.samples)]
+            cells += [cell(p, *v, 0.0, s) for s in range(grid.samples) for v in variants]
+        cells += [cell(p, *v, a, s) for v in variants for a in alphas if a != 0 for s in range(grid.samples)]
     return cells
-
-
-def planned_batch_size(cfg: DictConfig) -> int:
-    return int(cfg.generation.batch_size) or DEFAULT_BATCH
 
 
 def cut(cells: list[Cell], size: int) -> list[Batch]:

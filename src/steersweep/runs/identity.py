@@ -47,7 +47,7 @@ def input_digests(cfg: DictConfig) -> dict[str, str | None]:
     from steersweep.inputs import datasets
 
     named = {"prompts": cfg.prompts.dataset, "word_lists": cfg.eval.word_lists}
-    for i, (_, source) in enumerate(concepts(cfg)):  # the first keeps the key it had before concept lists
+    for i, (_, source) in enumerate(concepts(cfg.vectors)):  # the first keeps the key it had before concept lists
         named[("vectors" if cfg.vectors.source == "file" else "pairs") + (f".{i}" if i else "")] = source
     if "behavior_prob" in cfg.eval.metrics:
         for i, name in enumerate(as_list(cfg.eval.behavior_dataset)):
@@ -94,7 +94,7 @@ def folder_for(cfg: DictConfig, ident_hash: str) -> Path:
     working directory (`./results` where the command runs), as Hydra's sweep folder is."""
     if cfg.run_dir:
         return Path(cfg.run_dir).expanduser()
-    name = cfg.run_name or f"{cfg.model.name}-{'+'.join(c for c, _ in concepts(cfg))}"
+    name = cfg.run_name or f"{cfg.model.name}-{'+'.join(c for c, _ in concepts(cfg.vectors))}"
     root = Path(cfg.results_root).expanduser()
     return root.absolute() / f"{name}-{ident_hash}"
 

@@ -7,11 +7,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from steersweep.core.errors import PlanError
 from steersweep.core.fileio import claim
-from steersweep.runs.grid import Batch, Cell, batch_cells, cut, planned_batch_size
+from steersweep.runs.grid import Batch, Cell, Grid, batch_cells, cut
 from steersweep.runs.identity import check_identity
 from steersweep.runs.launch import launch_command
 
@@ -73,7 +71,7 @@ def read_plan_doc(folder: Path) -> dict | None:
     return doc
 
 
-def claim_plan(cfg: DictConfig, folder: Path, cells: list[Cell], ident: dict, ident_hash: str) -> RunPlan:
+def claim_plan(grid: Grid, folder: Path, cells: list[Cell], ident: dict, ident_hash: str) -> RunPlan:
     """Claim the folder for this identity and plan, or join the plan already claimed there.
 
     The first job writes plan.json atomically (exclusive create); every later job (a resume, a
@@ -82,7 +80,7 @@ def claim_plan(cfg: DictConfig, folder: Path, cells: list[Cell], ident: dict, id
     re-dealt. Raises PlanError naming the differing keys otherwise.
     """
     folder = Path(folder)
-    size = planned_batch_size(cfg)
+    size = grid.batch_size
     doc = read_plan_doc(folder)
     if doc is None:
         if (folder / "manifest.json").exists():
@@ -101,12 +99,12 @@ def claim_plan(cfg: DictConfig, folder: Path, cells: list[Cell], ident: dict, id
     if set(order) != set(by_id) or len(order) != len(by_id):
         raise PlanError(f"{folder / PLAN_FILE} lists other cells than this config makes: choose another run_dir")
     size = int(doc["batch_size"])
-    if planned_batch_size(cfg) != size and cfg.generation.batch_size:
+    if grid.batch_size != size and grid.batch_size_asked:
         import logging
 
         logging.getLogger(__name__).info(
             "using the folder's planned batch size %d (this command asked for %d): work is never re-dealt",
-            size, cfg.generation.batch_size,
+            size, grid.batch_size,
         )  # fmt: skip
     batches = [Batch(b, tuple(by_id[i] for i in ids)) for b, ids in enumerate(batch_cells(doc))]
     return RunPlan(folder, ident, ident_hash, size, batches, list(doc.get("command") or []))

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 from steersweep.generation import decode as generation
 from steersweep.hooks import forward
@@ -34,12 +35,27 @@ def steering_of(cell, vsets: dict[tuple[str, str], VectorSet]) -> list[tuple]:
     return [(layer, cell.alpha, vs.vectors[layer], cell.mode) for layer in cell.steered_layers]
 
 
+@dataclass(frozen=True)
+class ScoreSettings:
+    """What scoring needs from the config, read once by the conductor (`pipeline.sweep`): the
+    scorer never sees the config."""
+
+    model_name: str
+    layers_path: str | None  # where the decoder layers are (model.layers_path; None: found)
+    positions: str  # steering.positions: where behaviour items and KL prompts are steered
+    chat_template: str  # generation.chat_template: how behaviour items are encoded
+    metrics: tuple[str, ...]
+    regex: dict
+    length_normalize: bool  # eval.behavior_length_normalize
+    judge: Any = None  # eval.judge (a JudgeConfig) or None
+
+
 class Scorer:
     """Builds the rows of finished batches; holds what is reused across batches."""
 
     def __init__(
         self,
-        cfg: DictConfig,
+        settings: ScoreSettings,
         model,
         tokenizer,
         vsets: dict[tuple[str, str], VectorSet],
@@ -47,12 +63,12 @@ class Scorer:
         prompt_ids: dict[str, list[int]],
         folder: RunFolder,
     ):
-        self.cfg, self.model, self.tokenizer, self.vsets, self.inputs = cfg, model, tokenizer, vsets, inputs
+        self.settings, self.model, self.tokenizer, self.vsets, self.inputs = settings, model, tokenizer, vsets, inputs
         self.prompt_ids = prompt_ids
         self.run_id = folder.path.name
         self.threads = torch.get_num_threads()  # recorded per row: float reductions may depend on it
-        self.names = list(cfg.eval.metrics)
-        self.patterns = dict(cfg.eval.regex)
+        self.names = list(settings.metrics)
+        self.patterns = dict(settings.regex)
         self.lists = inputs.get("word_lists", {})
         self.folder, self.worker = folder, ""
         # (setting, item set) -> its item rows: what each behavior_prob is the mean of (items.parquet)
@@ -63,10 +79,10 @@ class Scorer:
         self.on_scored = lambda sequences: None  # progress: told how many sequences each forward scored
         self.label = ""
         self.judge = None
-        if cfg.eval.judge is not None:
+        if settings.judge is not None:
             from steersweep.scoring.judge import Judge
 
-            self.judge = Judge(cfg.eval.judge)
+            self.judge = Judge(settings.judge)
         # per (concept, method, layer set) constants of every row (hashing vectors per row would be wasted work)
         self.vec_ids: dict[tuple[str, str, str], str] = {}
         self.norms = {(*k, layer): vs.norm(layer) for k, vs in vsets.items() for layer in vs.vectors}
@@ -132,7 +148,7 @@ class Scorer:
             return self._rows(batch, outs, seconds, worker)
 
     def _rows(self, batch: Batch, outs: list[generation.Completion], seconds: float, worker: str) -> list[dict]:
-        cfg, cells = self.cfg, batch.cells
+        cells = batch.cells
         ppl = self.perplexity(cells, outs) if "perplexity" in self.names else [None] * len(cells)
         if self.behavior is not None:
             written: list[dict] = []
@@ -147,7 +163,7 @@ class Scorer:
             vs = self.vsets[(c.concept, c.method)]  # a set of layers: norms of its first layer, ids of all
             norm, resid = self.norms[(c.concept, c.method, c.layer)], vs.resid_norms.get(c.layer)
             row = {
-                "run_id": self.run_id, "cell_id": c.cell_id, "batch_id": batch.batch_id, "model": cfg.model.name,
+                "run_id": self.run_id, "cell_id": c.cell_id, "batch_id": batch.batch_id, "model": self.settings.model_name,
                 "layer": c.layer, "layers": c.label, "hook_name": hook_name(c.steered_layers, c.label),
                 "alpha": c.alpha, "alpha_rel": c.alpha * norm / resid if resid else None,
                 "vector_id": self.vector_id(c),
@@ -177,7 +193,7 @@ class Scorer:
         self.phase(f"scoring perplexity of {len(distinct)} rows")
         values = with_backoff(lambda bs: metrics.perplexities(  # OOM: halve the scoring batch (memory.with_backoff)
             self.model, [self.prompt_ids[p] for p, _ in distinct], [list(ids) for _, ids in distinct],
-            self.tokenizer.pad_token_id, bs, layers_path=self.cfg.model.layers_path), 32, "perplexity")  # fmt: skip
+            self.tokenizer.pad_token_id, bs, layers_path=self.settings.layers_path), 32, "perplexity")  # fmt: skip
         by_key = dict(zip(distinct, values, strict=True))
         return [by_key[k] for k in key]
 
@@ -241,9 +257,9 @@ class Scorer:
         `steering.positions`; `eval.behavior_length_normalize` scores the
         mean log-probability per answer token instead of the total.
         """
-        cfg, tok = self.cfg, self.tokenizer
-        chat = encoding.use_chat_template(tok, cfg.generation.chat_template)
-        norm = bool(cfg.eval.behavior_length_normalize)
+        st, tok = self.settings, self.tokenizer
+        chat = encoding.use_chat_template(tok, st.chat_template)
+        norm = st.length_normalize
         out = {}
         for concept in dict.fromkeys(concept for _, _, concept in settings):
             t0 = time.perf_counter()
@@ -254,7 +270,7 @@ class Scorer:
                 enc = behavior.encode_behavior_items(tok, items, items_form(items), chat)
                 rows = [steering for _, steering in mine]
                 scores = with_backoff(lambda bs, enc=enc, rows=rows: behavior.behavior_item_scores(
-                    self.model, enc, rows, encoding.pad_id_of(tok), bs, cfg.model.layers_path, cfg.steering.positions, norm
+                    self.model, enc, rows, encoding.pad_id_of(tok), bs, st.layers_path, st.positions, norm
                 ), 32, "behavior_prob")  # fmt: skip
                 for (key, _), per_item in zip(mine, scores, strict=True):
                     made = [
@@ -273,12 +289,12 @@ class Scorer:
     def kl_table(self, settings: list[tuple[tuple, list[tuple], str]]) -> dict:
         """next_token_kl (mean, sem) per setting: KL(steered || unsteered) of the next-token
         distribution at the last position of each sweep prompt (`metrics.next_token_kl`)."""
-        cfg = self.cfg
+        st = self.settings
         t0 = time.perf_counter()
         prompts = list(self.prompt_ids.values())
         rows = [steering for _, steering, _ in settings]
         res = with_backoff(lambda bs: metrics.next_token_kl(
-            self.model, prompts, rows, encoding.pad_id_of(self.tokenizer), bs, cfg.model.layers_path, cfg.steering.positions
+            self.model, prompts, rows, encoding.pad_id_of(self.tokenizer), bs, st.layers_path, st.positions
         ), 32, "next_token_kl")  # fmt: skip
         dt = time.perf_counter() - t0
         log.info("next_token_kl for %d settings x %d prompts in %.1f s", len(settings), len(prompts), dt)
