@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from steersweep.api.sweep import Sweep, _container
+from steersweep.runs.folder import RunFolder
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -55,7 +56,7 @@ class Report:
         from steersweep.reporting.write import write_report
 
         dirs = [self.folder, *self.compare]
-        default = self.folder / "report"
+        default = RunFolder(self.folder).report_dir
         if path is None or Path(path).expanduser().absolute() == default.absolute():
             self.summary = write_report(dirs, self.cfg)
             return self.summary
@@ -63,10 +64,11 @@ class Report:
         with tempfile.TemporaryDirectory(prefix="steersweep-report-") as tmp:
             stage = Path(tmp) / self.folder.name  # the summary's title names the run folder
             stage.mkdir()
+            table, staged = RunFolder(self.folder).results_path, RunFolder(stage).results_path
             try:
-                (stage / "results.parquet").symlink_to((self.folder / "results.parquet").absolute())
+                staged.symlink_to(table.absolute())
             except OSError:
-                shutil.copy2(self.folder / "results.parquet", stage / "results.parquet")
+                shutil.copy2(table, staged)
             made = write_report([stage, *self.compare], self.cfg).parent
             out.mkdir(parents=True, exist_ok=True)
             for f in made.iterdir():
@@ -123,13 +125,12 @@ def _report_cfg(base: Mapping | None, options: Mapping[str, Any]) -> ReportConfi
 def _table_folder(path: str | os.PathLike) -> Path:
     """A run folder with a merged results.parquet (merged here if only parts exist, as task=report does)."""
     from steersweep.core.errors import ConfigError
-    from steersweep.runs.folder import RunFolder
     from steersweep.runs.planfile import read_plan_doc
 
     folder = RunFolder(Path(path).expanduser())
     if not folder.path.is_dir():
         raise ConfigError(f"run folder {folder.path} does not exist: set run_dir to a run's folder")
-    if not (folder.path / "results.parquet").is_file():
+    if not folder.results_path.is_file():
         doc = read_plan_doc(folder.path)
         folder.merge(keep={r[0] for r in doc["cells"]} if doc else None)
     return folder.path
@@ -140,7 +141,7 @@ def _backed_by(df: pd.DataFrame) -> Path | None:
     import pandas as pd
 
     run_dir = df.attrs.get("run_dir")
-    table = Path(run_dir) / "results.parquet" if run_dir else None
+    table = RunFolder(run_dir).results_path if run_dir else None
     if table is None or not table.is_file() or "cell_id" not in df:
         return None
     ids = pd.read_parquet(table, columns=["cell_id"])["cell_id"]
@@ -179,7 +180,7 @@ def report(source: pd.DataFrame | str | os.PathLike | Sweep, *compare: str | os.
             name = str(ids[0]) if len(ids) == 1 else "dataframe"
             folder = Path(tempfile.mkdtemp(prefix="steersweep-")) / name
             folder.mkdir()
-            source.to_parquet(folder / "results.parquet", index=False)
+            source.to_parquet(RunFolder(folder).results_path, index=False)
     else:
         folder = _table_folder(source)
     cfg = _report_cfg(base, options)

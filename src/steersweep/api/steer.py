@@ -160,10 +160,10 @@ def steer(
     Returns:
         The completions (text after the prompt, special tokens dropped), in prompt order.
     """
-    from steersweep.core.config import GenerationConfig
+    from steersweep.core.config import CHAT_TEMPLATES, GenerationConfig
     from steersweep.core.errors import ConfigError, PromptError
     from steersweep.generation.decode import generate_rows
-    from steersweep.inputs.encoding import encode_prompts
+    from steersweep.inputs.encoding import encode_prompts, over_context
     from steersweep.model.memory import generate_with_backoff
     from steersweep.runs.grid import cell_seed
 
@@ -171,8 +171,10 @@ def steer(
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens} must be > 0")
     _check_steering(positions, mode)
-    if chat_template not in ("auto", "on", "off"):
-        raise ConfigError(f"chat_template={chat_template}: use auto, on or off")
+    if chat_template not in CHAT_TEMPLATES:
+        raise ConfigError(
+            f"chat_template={chat_template}: use {', '.join(CHAT_TEMPLATES[:-1])} or {CHAT_TEMPLATES[-1]}"
+        )
     if not rows:
         return []
     gen = GenerationConfig(
@@ -181,10 +183,11 @@ def steer(
     )  # fmt: skip
     steering = _settings(model, len(rows), layer, alpha, vectors, layers_path)
     ids = encode_prompts(tokenizer, rows, gen)
-    ctx = getattr(model.config, "max_position_embeddings", None)
-    for i, x in enumerate(ids):
-        if ctx and len(x) + max_new_tokens > ctx:
-            raise PromptError(f"prompt {i} plus max_new_tokens={max_new_tokens} exceeds the model's context of {ctx}")
+    too_long, ctx = over_context(model, dict(enumerate(ids)), max_new_tokens)
+    if too_long:
+        raise PromptError(
+            f"prompt {too_long[0]} plus max_new_tokens={max_new_tokens} exceeds the model's context of {ctx}"
+        )
     seeds = None
     if do_sample:
         seen: Counter = Counter()

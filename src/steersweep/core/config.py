@@ -163,6 +163,7 @@ class Config:
 
 
 TASKS = ("run", "plan", "status", "vectors", "merge", "report")
+CHAT_TEMPLATES = ("auto", "on", "off")  # generation.chat_template, and the API's chat_template
 
 
 def register_configs() -> None:

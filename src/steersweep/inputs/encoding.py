@@ -157,3 +157,10 @@ def model_inputs(ids: Sequence[Sequence[int]], pad_id: int | None, device=None) 
             mask[i, width - len(x) :] = 1
     out = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids(mask)}
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
+def over_context(model, prompt_ids: Mapping, max_new_tokens: int) -> tuple[list, int | None]:
+    """The keys of `prompt_ids` whose prompt plus `max_new_tokens` exceeds the model's context
+    (`max_position_embeddings`; none when the config does not say), and that context."""
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    return [k for k, ids in prompt_ids.items() if ctx and len(ids) + max_new_tokens > ctx], ctx

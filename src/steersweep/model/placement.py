@@ -1,5 +1,5 @@
 """Where the weights go: the memory budget per device (`max_memory`), quantisation, and the device
-map planned on an empty model before any weight is read (`plan_device_map`, `Plan`)."""
+map planned on an empty model before any weight is read (`plan_device_map`, `Placement`)."""
 
 from __future__ import annotations
 
@@ -52,11 +52,11 @@ def parse_hardware(spec: str) -> tuple[list[int], int | None]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Plan
+# Placement
 
 
 @dataclass
-class Plan:
+class Placement:
     """A device map for one hardware shape, with what it leaves per device for the rows.
 
     Device keys of `device_map`, `bytes_per_device` and `layers_per_device` are accelerate's ("0",
@@ -176,7 +176,7 @@ def plan_device_map(
     quantization: str | None = None,
     seq_len: int = 0,
     totals: dict[int | str, int] | None = None,
-) -> Plan:
+) -> Placement:
     """Device map the budget gives for this model, computed on an empty (meta) model, and the
     rows of `seq_len` tokens each device's headroom holds.
 
@@ -240,7 +240,7 @@ def plan_device_map(
     if seq_len:
         free = {d: int(max(0, h) * HEADROOM_USE) for d, h in headroom.items()}
         rows = rows_on_devices(config, shares, free, int(torch.finfo(dtype).bits // 8), seq_len)
-    return Plan(
+    return Placement(
         hardware,
         dict(dmap),
         dict(per_dev),

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from steersweep.core.errors import ConfigError, PlanError, ResultsError
 from steersweep.core.progress import Progress
 from steersweep.generation import decode as G
-from steersweep.inputs.encoding import encode_prompts
+from steersweep.inputs.encoding import encode_prompts, over_context
 from steersweep.model import memory as M
 from steersweep.pipeline.finish import finish, manifest
 from steersweep.pipeline.validate import validate_inputs, validate_model, validate_static
@@ -124,8 +124,7 @@ def generate_batches(
     gen = cfg.generation
     texts = [p["prompt"] for p in inputs["prompts"]]
     prompt_ids = dict(zip([p["id"] for p in inputs["prompts"]], encode_prompts(tokenizer, texts, gen), strict=True))
-    ctx = getattr(model.config, "max_position_embeddings", None)
-    too_long = [pid for pid, ids in prompt_ids.items() if ctx and len(ids) + gen.max_new_tokens > ctx]
+    too_long, ctx = over_context(model, prompt_ids, gen.max_new_tokens)
     if too_long:
         raise ConfigError(
             f"prompt(s) {too_long[:3]} plus max_new_tokens={gen.max_new_tokens} exceed the model's context of "

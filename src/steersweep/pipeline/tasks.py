@@ -36,7 +36,7 @@ def grid_line(grid: Grid, num_layers: int, prompts: list[dict]) -> str:
 
 
 def plan(cfg: DictConfig) -> tuple[list, list[str]]:
-    """Per `memory.plan_hardware` shape, the device map the budget gives (`Plan`s), and in words (the
+    """Per `memory.plan_hardware` shape, the device map the budget gives (`Placement`s), and in words (the
     lines `task=plan` prints): each device's headroom after its weights and the rows of the sweep's
     length that headroom holds."""
     validate_static(cfg)

@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from steersweep.core import errors
-from steersweep.core.config import TASKS
+from steersweep.core.config import CHAT_TEMPLATES, TASKS
 from steersweep.core.errors import ConfigError, LoadError
 from steersweep.core.units import parse_size
 from steersweep.inputs import datasets
@@ -110,7 +110,8 @@ def validate_static(cfg: DictConfig) -> None:
     check(0 < gen.top_p <= 1, f"generation.top_p={gen.top_p} must be in (0, 1]")
     check(gen.batch_size >= 0, f"generation.batch_size={gen.batch_size}: use 0 (automatic) or a positive number")
     check(
-        gen.chat_template in ("auto", "on", "off"), f"generation.chat_template={gen.chat_template}: use auto, on or off"
+        gen.chat_template in CHAT_TEMPLATES,
+        f"generation.chat_template={gen.chat_template}: use {', '.join(CHAT_TEMPLATES[:-1])} or {CHAT_TEMPLATES[-1]}",
     )
     check(vec.source in ("compute", "file"), f"vectors.source={vec.source}: use compute or file")
     check(vec.source != "file" or bool(vec.path), "vectors.source=file needs vectors.path=<.safetensors, .pt or .gguf>")

@@ -37,6 +37,7 @@ from steersweep.reporting.tables import (
     variant_columns,
     variants,
 )
+from steersweep.runs.folder import RunFolder
 
 # The report's front page in `report/` (write_report returns summary.md beside it).
 PAGE = "index.html"
@@ -118,7 +119,7 @@ def write_report(
     dirs = [Path(d) for d in (run_dirs if isinstance(run_dirs, (list, tuple)) else [run_dirs])]
     frames = []
     for d in dirs:
-        table = d / "results.parquet"
+        table = RunFolder(d).results_path
         if not d.is_dir():
             raise ResultsError(f"run folder {d} does not exist: check run_dir and report.compare_runs")
         if not table.is_file():
