@@ -56,7 +56,7 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
             targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in known else mod for a in node.names]
         else:
             continue
-        found |= {t for t in targets if t in known and t != name}
+        found |= {t for t in targets if t in known}
     return found
 
 
@@ -69,7 +69,7 @@ def stage(name: str) -> int:
 
 def graph() -> dict[str, set[str]]:
     mods = modules()
-    return {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
+    return {name: imports_of(name, path, set(mods)) - {name} for name, path in mods.items()}
 
 
 def cycles(g: dict[str, set[str]]) -> list[list[str]]:
@@ -107,6 +107,11 @@ def test_every_module_sits_in_a_stage():
     loose = [m for m in modules() if m.count(".") == 1 and m not in ("steersweep.__main__",)]
     loose = [m for m in loose if m.split(".")[1] not in STAGES]
     assert loose == [], f"modules outside the stages: {loose}"
+
+
+def test_no_module_imports_itself():
+    mods = modules()
+    assert [name for name, path in mods.items() if name in imports_of(name, path, set(mods))] == []
 
 
 def test_no_import_circles():

@@ -19,6 +19,9 @@ import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from steersweep.core.config import MemoryConfig
+from steersweep.core.units import parse_size
+
 log = logging.getLogger(__name__)
 
 PROC = Path("/proc")
@@ -209,7 +212,6 @@ def cpu_budget(
         looser = f"job limit {_gib(limit)} from {source} is looser" if limit is not None else source
         return ram, f"auto: 90% of available RAM {_gib(avail)}; {looser}"
     # Deferred: loading imports this module, and parse_size lives there (with LoadError for bad sizes).
-    from steersweep.core.units import parse_size
 
     asked = parse_size(spec)
     if asked == 0:
@@ -245,8 +247,6 @@ def watchdog(seconds: float, what: str, announce: bool | None = None):
         return
     line = f"[watchdog] {what}: stacks are dumped and the run exits if this takes over {seconds:.0f} s"
     if announce is None:
-        from steersweep.core.config import MemoryConfig
-
         announce = seconds != MemoryConfig.load_timeout_s
     if announce:
         print(line, file=sys.stderr, flush=True)

@@ -21,12 +21,11 @@ from steersweep.hooks.forward import _trim_padding, accepts, cache_argument, cac
 from steersweep.hooks.layers import get_layers
 from steersweep.hooks.rows import row_deltas, row_key, steer
 from steersweep.hooks.trunk import contiguous_head
+from steersweep.inputs.encoding import model_inputs, position_ids
 
 
 def left_pad(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token id lists into (input_ids, attention_mask): `encoding.model_inputs`' padding."""
-    from steersweep.inputs.encoding import model_inputs
-
     enc = model_inputs(ids, pad_id)
     return enc["input_ids"], enc["attention_mask"]
 
@@ -225,8 +224,6 @@ def _decode(
     on every run. `prompt_forward(**inputs)`: what runs the first (prompt) forward instead of the
     model (`shared_forward`, with progress ticks).
     """
-    from steersweep.inputs.encoding import position_ids
-
     cache_arg = cache_argument(model)
     keep_last = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}  # older heads return all
     n = input_ids.shape[0]

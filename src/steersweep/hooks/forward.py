@@ -11,7 +11,7 @@ import torch
 
 from steersweep.hooks.rows import RowDelta, parse_positions, row_deltas, steer
 from steersweep.hooks.trunk import shared_trunk
-from steersweep.inputs.encoding import model_inputs
+from steersweep.inputs.encoding import model_inputs, position_ids
 
 
 def accepts(model, name: str) -> bool:
@@ -79,8 +79,6 @@ def prompt_cache(model, prompt_ids: Sequence[Sequence[int]], pad: int, device, d
     own prefill would store. Returns (cache, the rows' attention mask over the cached columns,
     float32 logits at each row's last cached position).
     """
-    from steersweep.inputs.encoding import model_inputs, position_ids
-
     index: dict[tuple[int, ...], int] = {}
     rows = torch.tensor([index.setdefault(tuple(p), len(index)) for p in prompt_ids])
     enc = model_inputs(list(index), pad)
@@ -185,8 +183,6 @@ def steered_forwards(
     (`hooks.shared_trunk`): below the first layer a setting steers, all settings of an item are one
     row. Which rows share a batch is a function of the inputs alone.
     """
-    from steersweep.hooks.forward import shared_forward
-
     device = model.get_input_embeddings().weight.device
     order = list(range(len(seqs)))
     if steering:

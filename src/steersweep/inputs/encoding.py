@@ -122,8 +122,6 @@ def encode(
 
 def encode_prompts(tokenizer, prompts: Sequence[str], gen: GenerationConfig) -> list[list[int]]:
     """Token ids of each prompt: the chat template (with a generation prompt) when used, else raw."""
-    from steersweep.inputs.encoding import use_chat_template
-
     chat = use_chat_template(tokenizer, gen.chat_template)
     return [list(encode(tokenizer, user_messages(p, gen.system_prompt) if chat else p).ids) for p in prompts]
 

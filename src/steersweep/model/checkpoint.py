@@ -12,6 +12,7 @@ from pathlib import Path
 from steersweep.core.config import ModelConfig
 from steersweep.core.errors import LoadError
 from steersweep.core.paths import PACKAGE_DIR
+from steersweep.model.embedded import DEFAULT_MODEL_DIR, STAMP, prepare
 
 MODEL_CONFIGS = PACKAGE_DIR / "model_configs"
 
@@ -24,7 +25,6 @@ def resolve_model_path(model: ModelConfig) -> str:
     """The checkpoint to load: `model.path`, or the embedded default model (converted on demand)."""
     if model.path:
         return os.path.expanduser(model.path)
-    from steersweep.model.embedded import DEFAULT_MODEL_DIR, prepare
 
     return str(prepare(DEFAULT_MODEL_DIR))
 
@@ -39,8 +39,6 @@ def read_model_config(model: ModelConfig, need_checkpoint: bool = True):
 
     path = model.path
     if path is None:
-        from steersweep.model.embedded import DEFAULT_MODEL_DIR, STAMP
-
         if (DEFAULT_MODEL_DIR / STAMP).exists() or need_checkpoint:
             path = resolve_model_path(model)
     local = path is not None and Path(os.path.expanduser(path)).is_dir()

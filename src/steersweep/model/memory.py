@@ -20,7 +20,10 @@ from typing import TypeVar
 
 import torch
 
+from steersweep.core.errors import LayerLookupError
 from steersweep.core.faults import fault_point
+from steersweep.core.runtime import cpu_budget, watchdog
+from steersweep.hooks.layers import get_layers
 
 T = TypeVar("T")
 
@@ -164,8 +167,6 @@ def rows_for_map(
 
 def module_names(model, layers_path: str | None = None) -> tuple[list[str], str]:
     """(names of the decoder layers, name of the LM head) in `model.named_modules()` terms."""
-    from steersweep.hooks.layers import get_layers
-
     ids = {id(m): n for n, m in model.named_modules()}
     layers = [ids[id(block)] for block in get_layers(model, layers_path)]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -184,8 +185,6 @@ def free_on(devices: Sequence[str]) -> dict[str, int]:
     """Bytes each device can give to rows now: 90% of a GPU's free memory (the allocator's cached
     blocks included); on the CPU, `runtime.cpu_budget("auto")`, i.e. the job's memory limit less
     this process's RSS (or the available RAM), not the node's RAM."""
-    from steersweep.core.runtime import cpu_budget
-
     out = {}
     for d in devices:
         if d.startswith("cuda:"):
@@ -200,8 +199,6 @@ def free_on(devices: Sequence[str]) -> dict[str, int]:
 
 def rows_that_fit(model, seq_len: int, cap: int, layers_path: str | None = None) -> int:
     """Rows per generate call that each device's free memory holds at this sequence length (at most `cap`)."""
-    from steersweep.core.errors import LayerLookupError
-
     # the compute dtype (a 4-bit model's embeddings keep it): the KV cache and activations are in it
     dtype_bytes = next(p for p in model.parameters() if p.is_floating_point()).element_size()
     dmap = device_map_of(model)
@@ -279,8 +276,6 @@ def generate_with_backoff(run_batch, rows: Sequence, batch_size: int, on_done, t
     `on_done(chunk, outputs, seconds)` is called after every finished chunk (so results are written
     as they come). Returns the final batch size. No row is lost.
     """
-    from steersweep.core.runtime import watchdog
-
     i = 0
     while i < len(rows):
 

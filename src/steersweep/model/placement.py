@@ -14,7 +14,7 @@ from steersweep.core.config import MemoryConfig, ModelConfig
 from steersweep.core.errors import LoadError
 from steersweep.core.runtime import cpu_budget
 from steersweep.core.units import fmt_bytes, parse_size
-from steersweep.model.memory import device_key, module_names, placed_on
+from steersweep.model.memory import HEADROOM_USE, device_key, execution_shares, module_names, placed_on, rows_on_devices
 
 
 def max_memory(mem: MemoryConfig, gpu_totals: list[int] | None = None) -> dict[int | str, int]:
@@ -190,8 +190,6 @@ def plan_device_map(
             spilled module, which is copied in for its forward).
     """
     from accelerate.utils import CustomDtype, compute_module_sizes, get_balanced_memory, infer_auto_device_map
-
-    from steersweep.model.memory import HEADROOM_USE, execution_shares, rows_on_devices
 
     model = empty_model(config, trust_remote_code)
     # Planning for GPUs this machine lacks is the point here: silence "Device N is not available".

@@ -7,6 +7,7 @@ import logging
 import time
 
 from steersweep.core.config import ModelConfig, VectorsConfig
+from steersweep.hooks.layers import get_layers
 from steersweep.runs.folder import RunFolder
 from steersweep.runs.grid import Grid
 from steersweep.vectors.directions import compute_methods, mean_activation
@@ -28,8 +29,6 @@ def get_vectors(
         grid: the sweep's axes (which concepts, methods and layers need vectors).
         vec, model_cfg: the `vectors` and `model` config groups (how to compute them, which model).
     """
-    from steersweep.hooks.layers import get_layers
-
     layers = grid.all_layers(len(get_layers(model, model_cfg.layers_path)))
     keys = grid.vector_keys()
     sets: dict[tuple[str, str], VectorSet] = {}

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from steersweep.core import errors
 from steersweep.core.errors import PlanError
+from steersweep.inputs import datasets
 from steersweep.runs.grid import as_list, concepts
 
 # Keys under each identity group that never change a row (batching, placement, notes for humans).
@@ -43,9 +45,6 @@ def identity(cfg: DictConfig) -> dict:
 def input_digests(cfg: DictConfig) -> dict[str, str | None]:
     """Content hashes of the files rows are made from: an edited prompt or pair file is another
     identity, so a resume never mixes rows made from the old text with rows from the new."""
-    from steersweep.core import errors
-    from steersweep.inputs import datasets
-
     named = {"prompts": cfg.prompts.dataset, "word_lists": cfg.eval.word_lists}
     for i, (_, source) in enumerate(concepts(cfg.vectors)):  # the first keeps the key it had before concept lists
         named[("vectors" if cfg.vectors.source == "file" else "pairs") + (f".{i}" if i else "")] = source

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from steersweep.core.errors import ConfigError
 from steersweep.core.paths import source_checkout
 
 # ---------------------------------------------------------------------------------------------
@@ -21,8 +22,6 @@ def shard_of(cfg: DictConfig, multirun: bool | None = None) -> tuple[int, int]:
     environment unless `shard_count=auto`, which takes the Slurm array task (the sbatch script's
     choice). A job started by a Hydra multirun (one Slurm array for all its jobs) never shards.
     """
-    from steersweep.core.errors import ConfigError
-
     if cfg.shard_count is None:
         return 0, 1
     if str(cfg.shard_count) != "auto":

@@ -15,13 +15,13 @@ import torch
 
 from steersweep.core.config import JudgeConfig
 from steersweep.inputs.encoding import Source, encode, model_inputs, pad_id_of, user_messages
+from steersweep.model.dtypes import torch_dtype
+from steersweep.model.memory import with_backoff
 
 
 class Judge:
     def __init__(self, cfg: JudgeConfig, layers_device_map: str = "auto"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from steersweep.model.dtypes import torch_dtype
 
         self.cfg = cfg
         self.tok = AutoTokenizer.from_pretrained(cfg.model_path)
@@ -43,8 +43,6 @@ class Judge:
 
     def score(self, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 16) -> list[float]:
         """Expected rating (1-9) of each completion; out of memory halves the batch and starts over."""
-        from steersweep.model.memory import with_backoff
-
         return with_backoff(lambda bs: self._score(prompts, completions, bs), batch_size, "judge")
 
     @torch.inference_mode()

@@ -24,8 +24,9 @@ from collections.abc import Sequence
 
 import torch
 
-from steersweep.hooks.forward import batch_done, steered_forwards
+from steersweep.hooks.forward import batch_done, cache_argument, prompt_cache, steered_forwards
 from steersweep.hooks.rows import row_key
+from steersweep.inputs.encoding import position_ids
 
 WORD = re.compile(r"[a-z']+")
 EMOJI = r"[\U0001F300-\U0001FAFF\u2600-\u27BF]"
@@ -113,9 +114,6 @@ def perplexities(
     The rows of one prompt (a sweep's settings) continue one KV cache of it: a batch reads each
     distinct prompt once (`generation.prompt_cache`), then every row's completion, right-padded.
     """
-    from steersweep.hooks.forward import cache_argument, prompt_cache
-    from steersweep.inputs.encoding import position_ids
-
     del layers_path  # nothing is steered
     device = model.get_input_embeddings().weight.device
     pad = 0 if pad_id is None else int(pad_id)

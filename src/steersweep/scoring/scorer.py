@@ -23,6 +23,7 @@ from steersweep.model.memory import with_backoff
 from steersweep.runs.folder import RunFolder
 from steersweep.runs.grid import Batch, Cell
 from steersweep.scoring import behavior, metrics
+from steersweep.scoring.judge import Judge
 from steersweep.vectors.vectorset import VectorSet
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,6 @@ class Scorer:
         self.label = ""
         self.judge = None
         if settings.judge is not None:
-            from steersweep.scoring.judge import Judge
-
             self.judge = Judge(settings.judge)
         # per (concept, method, layer set) constants of every row (hashing vectors per row would be wasted work)
         self.vec_ids: dict[tuple[str, str, str], str] = {}

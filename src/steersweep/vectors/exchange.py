@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from steersweep.core.fileio import atomic_write_bytes
 from steersweep.vectors.vectorset import GGUF_ARCH as ARCH
+from steersweep.vectors.vectorset import VectorSet, load, save
 
 
 def write_control_vector(
@@ -44,7 +46,6 @@ def write_control_vector(
     """
     if 0 in vectors:
         raise ValueError("llama.cpp control vectors cannot steer layer 0: drop it before exporting")
-    from steersweep.core.fileio import atomic_write_bytes
 
     extra = {}
     if concept:
@@ -76,8 +77,6 @@ def _write_gguf(vectors: dict[int, torch.Tensor], tmp: Path, model_hint: str, ex
 
 
 def main(argv: list[str]) -> None:
-    from steersweep.vectors.vectorset import VectorSet, load, save
-
     if len(argv) != 3 or argv[0] not in ("export", "import"):
         sys.exit(
             "usage: python -m steersweep.vectors.exchange export VECTORS OUT.gguf | import IN.gguf OUT.safetensors"
