@@ -35,7 +35,7 @@ setup: $(STAMP) $(MODEL) browser  ## venv, packages, embedded model, headless br
 browser:  ## Debian's chromium for the HTML report's browser test (installed only when missing)
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
-	  echo "note: no chromium (install Debian's chromium as root); tests/test_report_html.py will skip"
+	  echo "note: no chromium (install Debian's chromium as root); tests/test_html.py will skip"
 
 model: $(MODEL)  ## convert the embedded model only
 

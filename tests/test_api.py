@@ -11,13 +11,12 @@ import inspect
 import json
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
-from conftest import readme_block
+from helpers.checkout import cli, readme_block
 
 import steersweep as ss
 from steersweep.api import compose, report
@@ -33,15 +32,8 @@ from steersweep.scoring import behavior
 from steersweep.vectors.directions import compute_caa
 from steersweep.vectors.vectorset import VectorSet
 
-ROOT = Path(__file__).resolve().parents[1]
 # the README's sweeps cut below experiment=quick size (2 prompts, 8 tokens, 8 behaviour items)
 QUICK = ["prompts.limit=2", "generation.max_new_tokens=8", "eval.behavior_limit=8", "progress=false"]
-
-
-def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "run_experiment.py", *args], cwd=cwd, capture_output=True, text=True, timeout=600
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,7 +410,7 @@ def test_readme_lower_block_and_a_loaded_model_reproduce_the_cli(readme_run, mon
 def test_a_sweep_starts_inside_a_hydra_app(tiny, embedded_dir, tmp_path):
     """A researcher's own @hydra.main script (Hydra already global) runs a sweep: the config is
     composed beside the app's Hydra, which is put back after."""
-    from conftest import tiny_checkpoint
+    from helpers.models import tiny_checkpoint
 
     model_dir = tiny_checkpoint(tmp_path / "tiny model", embedded_dir, tiny)
     script = tmp_path / "my_app.py"

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, tiny_llama
+from helpers.checkout import ROOT
+from helpers.models import tiny_llama
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from steerbench.report import TARGETS, agreement  # noqa: E402

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from helpers.checkout import CONF
+from helpers.config import make
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from steersweep.core.config import register_configs
 from steersweep.core.errors import ConfigError
 from steersweep.pipeline.validate import validate_static
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-register_configs()
-
-
-def make(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 def group_options():

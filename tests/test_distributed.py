@@ -8,7 +8,8 @@ import sys
 
 import pandas as pd
 import pytest
-from conftest import FP32, PRESET, ROOT
+from helpers.checkout import ROOT
+from helpers.config import FP32, PRESET
 
 pytestmark = pytest.mark.slow
 COLS = ["cell_id", "completion", "n_new_tokens"]

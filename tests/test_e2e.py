@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOT
+from helpers.checkout import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -132,7 +132,7 @@ def test_caa_paper_files_for_vectors_scoring_and_prompts(tmp_path):
     """The CAA paper's released layouts, as given: an A/B JSON array computes the vector (at the
     answer letter, chat template once) and is scored (behavior_prob, ab); an open-ended JSON array
     gives the prompts."""
-    from test_vectors import CAA_ITEMS
+    from helpers.caa import CAA_ITEMS
 
     ab = tmp_path / "generate_dataset.json"
     ab.write_text(json.dumps(CAA_ITEMS * 3, indent=2))  # repeated items get content ids -2, -3

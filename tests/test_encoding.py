@@ -212,7 +212,7 @@ def test_transformers_loading_agrees_with_the_raw_tokenizer(hf, raw, request):
         assert chat == [(m.ids, o.ids) for m, o in behavior.encode_behavior_items(ref, AB, "ab", True)]
 
 
-# Quoted in the note: the ids scored for the first item of each shipped dataset.
+# Quoted in a closing note: the ids scored for the first item of each shipped dataset.
 PINNED = {
     # family: (continuation c000: positive, negative), (ab000 raw "Answer: (": matching, other)
     "mistral_sp": (([15992], [15340]), ([28741], [28760])),  # ▁delicious ▁awful | A B

@@ -20,7 +20,8 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import PRESET, ROOT
+from helpers.checkout import ROOT
+from helpers.config import PRESET
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 COMPARE = ["cell_id", "layer", "alpha", "prompt_id", "completion", "n_new_tokens", "stop_reason"]

@@ -1,14 +1,18 @@
-"""Steered generation with the KV cache, per-row steering and batch-invariant sampling."""
+"""Steered generation with the KV cache (generation.decode), per-row steering and batch-invariant sampling;
+modes, positions and layer sets in generation equal a full recompute without a cache."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers.steering import plain_mode
 from omegaconf import OmegaConf
 
 from steersweep.core.config import GenerationConfig
 from steersweep.generation.baselines import seed_loop_generate
 from steersweep.generation.decode import generate_rows
+from steersweep.hooks.layers import get_layers
+from steersweep.hooks.rows import RowDelta
 from steersweep.model.memory import generate_with_backoff
 
 PROMPTS = ["Tell me about your weekend.", "Describe the sea.", "What is a good breakfast?"]
@@ -249,7 +253,7 @@ def test_the_output_head_gets_contiguous_input_in_a_frozen_model(tokenizer):
     """The prompt pass hands the head a strided last-token slice; with frozen weights torch's matmul
     then copies the weight once per row (0.55 s instead of 0.005 s for 16 rows of the embedded model,
     gigabytes on a 70B). Every head call of a frozen model's decode must see a contiguous input."""
-    from conftest import tiny_llama
+    from helpers.models import tiny_llama
 
     model = tiny_llama().eval()
     model.requires_grad_(False)
@@ -299,3 +303,122 @@ def test_top_p_equals_transformers_warper():
     x = torch.cat([torch.randn(48, 3000, generator=g) * 2.0, torch.randn(48, 3000, generator=g) * 8.0])
     mass8 = x.softmax(-1).topk(8).values.sum(-1)
     assert bool((mass8 >= 0.9).any()) and bool((mass8 < 0.9).any()) and cases == 288
+
+
+# ---------------------------------------------------------------------------------------------
+# Injection modes, steered positions and layer sets in generation, against a full recompute
+
+
+MODE_ROWS = ["add", "ablate", "ablate_add", "norm_preserving"]
+
+
+def reference_greedy(model, prompt, layer, v, alpha, mode, positions, steps, eos=2):
+    """Greedy tokens of one row, recomputing the whole sequence each step, steering by hand."""
+    ids = list(prompt)
+    n = len(prompt)
+    for _ in range(steps):
+        t = len(ids)
+        if positions == "all":
+            sel = list(range(t))
+        elif positions == "prompt":
+            sel = list(range(n))
+        elif positions == "generated":
+            sel = list(range(n - 1, t))
+        else:
+            sel = list(range(int(positions.split(":")[1]), t))
+
+        def hook(module, args, out, sel=sel):  # noqa: ARG001
+            out = out.clone()
+            out[:, sel] = plain_mode(out[:, sel], v, alpha, mode)
+            return out
+
+        handle = get_layers(model)[layer].register_forward_hook(hook)
+        try:
+            with torch.inference_mode():
+                tok = int(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax())
+        finally:
+            handle.remove()
+        if tok == eos:
+            break
+        ids.append(tok)
+    return ids[n:]
+
+
+@pytest.mark.parametrize("positions", ["prompt", "from:3", "generated"])
+def test_generation_steers_positions_as_a_full_recompute_does(tiny, tokenizer, positions):
+    """KV-cache generation of a mixed batch (prompt lengths, modes) == per-row full recompute."""
+    prompts = ["Tell me about your weekend.", "Hi", "What is a good breakfast today, do you think?"]
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    v = torch.randn(32) * 3
+    rows = [(1, 2.0, v, m) for m in MODE_ROWS[:3]]
+    gen = OmegaConf.structured(GenerationConfig(max_new_tokens=6))
+    out = generate_rows(tiny, tokenizer, ids, rows, gen, positions=positions)
+    for p, row, comp in zip(ids, rows, out, strict=True):
+        assert comp.token_ids == reference_greedy(tiny, p, 1, v, 2.0, row[3], positions, 6), (positions, row[3])
+    plain = generate_rows(tiny, tokenizer, ids, [(1, 0.0, v)] * 3, gen)
+    assert [c.token_ids for c in out] != [c.token_ids for c in plain]  # the steering did something
+
+
+def test_mixed_modes_generate_like_single_rows(tiny, tokenizer):
+    prompts = ["Tell me about your weekend.", "Hi"]
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    vec = {1: torch.randn(32) * 2, 2: torch.randn(32) * 2}
+    rows = [(layer, 2.0, vec[layer], m) for layer in (1, 2) for m in MODE_ROWS] + [(1, 0.0, vec[1], "ablate")]
+    cells = [(i, r) for i in range(len(ids)) for r in rows]
+    gen = OmegaConf.structured(GenerationConfig(max_new_tokens=8))
+    for positions in ("all", "from:2"):
+        batch = generate_rows(tiny, tokenizer, [ids[i] for i, _ in cells], [r for _, r in cells], gen,
+                              positions=positions)  # fmt: skip
+        for (i, r), comp in zip(cells, batch, strict=True):
+            single = generate_rows(tiny, tokenizer, [ids[i]], [r], gen, positions=positions)[0]
+            assert comp.token_ids == single.token_ids, (positions, i, r[0], r[1], r[3])
+        assert len({tuple(c.token_ids) for c in batch}) > len(prompts)
+
+
+def test_rows_leaving_the_decode_loop_keep_their_modes(tiny, tokenizer, monkeypatch):
+    """Rows stop at scattered steps (one token in 12 ends a row), so finished rows leave the batch
+    (`RowDelta.keep`): every row, whatever its mode, layer and start token, equals its single run."""
+    kept: list[int] = []
+    real_keep = RowDelta.keep
+
+    def spy(self, rows):  # the real keep, counted
+        kept.append(len(rows))
+        real_keep(self, rows)
+
+    monkeypatch.setattr(RowDelta, "keep", spy)
+    tiny.generation_config.eos_token_id = [tokenizer.eos_token_id, *range(1, tiny.config.vocab_size, 12)]
+    prompts = ["Tell me about your weekend.", "Hi", "What is a good breakfast today, do you think?"]
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    vec = {1: torch.randn(32) * 2, 3: torch.randn(32) * 2}
+    rows = [(layer, 2.0, vec[layer], m) for layer in (1, 3) for m in MODE_ROWS]
+    cells = [(i, r) for i in range(len(ids)) for r in rows]
+    gen = OmegaConf.structured(GenerationConfig(max_new_tokens=16))
+    batch = generate_rows(tiny, tokenizer, [ids[i] for i, _ in cells], [r for _, r in cells], gen, positions="from:2")
+    stops = [c.n_new_tokens for c in batch if c.stop_reason == "eos"]
+    assert len(set(stops)) > 2 and len(stops) < len(cells)  # rows really left at different steps
+    assert kept and min(kept) < len(cells)  # and the steering state followed them out
+    for (i, r), comp in zip(cells, batch, strict=True):
+        single = generate_rows(tiny, tokenizer, [ids[i]], [r], gen, positions="from:2")[0]
+        assert (comp.token_ids, comp.stop_reason) == (single.token_ids, single.stop_reason), (i, r[0], r[3])
+
+
+def test_generation_with_layer_sets_equals_single_rows(tiny, tokenizer):
+    """Per-row batching across layer sets and modes in one decode: each row equals its single-row run
+    (float32), and alpha 0 on a set is the unsteered row."""
+    ids = [tokenizer(p)["input_ids"] for p in ["Tell me about your weekend.", "Hi"]]
+    v = {layer: torch.randn(32) * 2 for layer in range(4)}
+    specs = [
+        [(1, 2.0, v[1], "add"), (2, 2.0, v[2], "add")],
+        [(1, 2.0, v[1], "ablate_add"), (2, 2.0, v[2], "ablate_add")],
+        (1, 2.0, v[1], "norm_preserving"),
+        [(layer, 1.0, v[layer], "ablate") for layer in range(4)],
+        [(1, 0.0, v[1], "add"), (2, 0.0, v[2], "add")],
+    ]
+    cells = [(i, s) for i in range(len(ids)) for s in specs]
+    gen = OmegaConf.structured(GenerationConfig(max_new_tokens=8))
+    batch = generate_rows(tiny, tokenizer, [ids[i] for i, _ in cells], [s for _, s in cells], gen)
+    for (i, s), comp in zip(cells, batch, strict=True):
+        assert comp.token_ids == generate_rows(tiny, tokenizer, [ids[i]], [s], gen)[0].token_ids
+    plain = generate_rows(tiny, tokenizer, ids, [(1, 0.0, v[1])] * 2, gen)
+    assert [batch[k * len(specs) + 4].token_ids for k in range(2)] == [c.token_ids for c in plain]
+    assert len({tuple(c.token_ids) for c in batch}) > 2 * 2

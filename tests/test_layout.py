@@ -6,7 +6,10 @@
   from its own stage or an earlier one (a function-level or TYPE_CHECKING import counts the same);
 - no import circles, counting every import wherever it is written, so no function-level import can be
   hiding one;
-- no module over 400 lines, and each says what it owns in a docstring.
+- no module over 400 lines, and each says what it owns in a docstring;
+- tests: each tests/test_X.py is named for a stage or module (or one of the whole-product checks in
+  WHOLE), and tests share code only through tests/helpers/ and conftest's fixtures, never by importing
+  each other.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ STAGES = [
     "api",
 ]
 MAX_LINES = 400
+TESTS = Path(__file__).resolve().parent
+# whole-product checks, named for what they exercise rather than for one module
+WHOLE = {"bench", "e2e", "gpu", "layout", "security", "slurm", "wheel"}
 
 
 def module_name(path: Path) -> str:
@@ -145,3 +151,20 @@ def test_the_checker_sees_a_circle_and_an_upward_import():
     g = {"steersweep.core.a": {"steersweep.runs.b"}, "steersweep.runs.b": {"steersweep.core.a"}}
     assert cycles(g) == [["steersweep.core.a", "steersweep.runs.b"]]
     assert stage("steersweep.runs.b") > stage("steersweep.core.a")
+
+
+def test_each_test_module_is_named_for_what_it_tests():
+    owners = {part for name in modules() for part in name.split(".")[1:]}
+    strays = [p.name for p in sorted(TESTS.glob("test_*.py")) if p.stem[5:] not in owners | WHOLE]
+    assert not strays, f"name these after the stage or module they test: {strays}"
+
+
+def test_tests_share_code_through_helpers_only():
+    bad = []
+    for path in sorted([*TESTS.glob("*.py"), *(TESTS / "helpers").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            bad += [f"{path.name} imports {n}" for n in names if n.split(".")[0] == "conftest" or n.startswith("test_")]
+    assert not bad, bad

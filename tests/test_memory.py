@@ -10,8 +10,9 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_llama
-from test_config import make
+from helpers.checkout import ROOT
+from helpers.config import make
+from helpers.models import tiny_llama
 from transformers import LlamaConfig
 
 from steersweep.core.errors import LoadError

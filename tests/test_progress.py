@@ -93,7 +93,7 @@ def test_tokens_of_a_decode_that_ran_out_of_memory_are_counted_once(tiny, embedd
     progress line counts the retried tokens once (same totals as a run without the failure)."""
     import re
 
-    from conftest import tiny_checkpoint
+    from helpers.models import tiny_checkpoint
 
     import steersweep as ss
     from steersweep.generation import decode as G
@@ -155,7 +155,7 @@ def test_a_sweeps_progress_reaches_100_only_when_its_last_batch_is_scored(tiny, 
     lines during scoring name it, and the last line accounts for every token and scored sequence."""
     import re
 
-    from conftest import tiny_checkpoint
+    from helpers.models import tiny_checkpoint
 
     import steersweep as ss
 

@@ -83,7 +83,7 @@ def test_the_recommended_layer_is_the_reliably_steerable_one():
 
 
 def tiny_sweep(tiny, embedded_dir, tmp_path, *more: str):
-    from conftest import tiny_checkpoint
+    from helpers.models import tiny_checkpoint
 
     import steersweep as ss
 
@@ -99,8 +99,8 @@ def tiny_sweep(tiny, embedded_dir, tmp_path, *more: str):
 def test_item_rows_equal_a_plain_forward_per_item(tiny, tokenizer, embedded_dir, tmp_path):
     """Every item row's log-probs are those of one unbatched, unpadded forward of that item (float32), and
     each setting's behavior_prob in results.parquet is the mean of its item rows, exactly."""
+    from helpers.behavior import AB, CONT, written_out
     from safetensors.torch import load_file
-    from test_behavior_reference import AB, CONT, written_out
 
     run, df = tiny_sweep(tiny, embedded_dir, tmp_path)
     items = pd.read_parquet(run.run_dir / "items.parquet")
@@ -136,7 +136,7 @@ def test_item_rows_equal_a_plain_forward_per_item(tiny, tokenizer, embedded_dir,
 
 def reference_logprob_sets(model, tok, context, special, answer, layers, alpha, vectors):
     """test_behavior_reference.reference_logprob with a layer set: one plain forward, hooks on every layer."""
-    from test_behavior_reference import reference_logprob
+    from helpers.behavior import reference_logprob
 
     if len(layers) == 1:
         return reference_logprob(

@@ -11,43 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers.tables import ALPHAS, LAYER_SETS, METHODS, MODES, VARIANT, variant_table
 
 from steersweep.core.config import ReportConfig
 from steersweep.reporting.best import best_cell, best_per_variant, first_alpha_reaching
 from steersweep.reporting.tables import layer_order, pivot_text, summarize
 from steersweep.reporting.write import write_report
-
-METHODS = ("mean_diff", "pca_diff")
-MODES = ("add", "ablate_add")
-LAYER_SETS = {"10": 10, "10+14": 10}  # label -> first layer
-ALPHAS = (-1.0, 0.0, 1.0, 2.0, 4.0)
-# How much each variant moves behaviour per unit alpha, and what it costs in perplexity.
-EFFECT = {("mean_diff", "add"): 0.10, ("mean_diff", "ablate_add"): 0.15, ("pca_diff", "add"): 0.21,
-          ("pca_diff", "ablate_add"): 0.12}  # fmt: skip
-COST = {("mean_diff", "add"): 0.02, ("mean_diff", "ablate_add"): 0.05, ("pca_diff", "add"): 0.30,
-        ("pca_diff", "ablate_add"): 0.01}  # fmt: skip
-VARIANT = ["concept", "method", "mode"]
-
-
-def variant_table(n_prompts: int = 3) -> pd.DataFrame:
-    """2 methods x 2 modes x layer sets "10" and "10+14" x alphas x prompts, one row each."""
-    rows = []
-    for method in METHODS:
-        for mode in MODES:
-            for label, first in LAYER_SETS.items():
-                boost = 1.5 if "+" in label else 1.0
-                for alpha in ALPHAS:
-                    for p in range(n_prompts):
-                        eff, cost = EFFECT[method, mode] * boost, COST[method, mode] * boost
-                        rows.append({
-                            "run_id": "r", "cell_id": f"{method}-{mode}-{label}-{alpha:g}-{p}", "model": "toy",
-                            "layer": first, "layers": label, "alpha": alpha, "concept": "sentiment",
-                            "method": method, "mode": mode, "sample": 0, "prompt_id": f"p{p}",
-                            "prompt": f"prompt {p}", "completion": f"{method}/{mode}/{label}/{alpha:g}/p{p}",
-                            "behavior_prob": min(0.3 + eff * alpha + 0.01 * p, 1.0),
-                            "perplexity": 10.0 * (1 + cost * alpha**2) + 0.5 * p,
-                        })  # fmt: skip
-    return pd.DataFrame(rows)
 
 
 def old_table() -> pd.DataFrame:
@@ -273,3 +242,26 @@ def test_task_report_prints_the_page(tmp_path, capsys):
     said = run(cfg).said
     assert said[-1] == f"report written to {a / 'report' / 'index.html'}"
     assert (a / "report" / "index.html").is_file() and (a / "report" / "summary.md").is_file()
+
+
+def test_behavior_prob_interval_is_across_items(tmp_path):
+    from steersweep.reporting.write import write_report
+    from steersweep.runs.folder import RunFolder
+
+    folder = RunFolder(tmp_path / "run")
+    folder.create()
+    rows = [
+        {"run_id": "r", "cell_id": f"c{a}{p}", "model": "toy", "layer": 1, "alpha": a, "prompt_id": f"p{p}",
+         "prompt": "x", "completion": "y", "behavior_prob": 0.5 + a / 10, "behavior_prob_sem": 0.01,
+         "perplexity": 3.0 + p}
+        for a in (0.0, 1.0) for p in range(2)
+    ]  # fmt: skip
+    folder.write_part(rows, "w")
+    folder.merge()
+    summary = write_report(folder.path).read_text()
+    beh = summary.split("## behavior_prob")[1].split("##")[0]
+    ppl = summary.split("## perplexity")[1].split("##")[0]
+    assert "interval across behaviour items" in beh and "across prompts" not in beh
+    assert "interval across prompts" in ppl
+    page = (folder.path / "report" / "index.html").read_text()
+    assert "Mean ± 95% interval across behaviour items" in page

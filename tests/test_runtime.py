@@ -177,3 +177,16 @@ def test_max_memory_uses_the_job_limit(monkeypatch):
     budget = loading.max_memory(MemoryConfig(cpu="auto"), gpu_totals=[80 * GiB])
     assert budget.get("cpu", 0) < GiB  # the real cgroups here may only tighten it
     assert budget[0] == int(MemoryConfig().gpu_fraction * 80 * GiB)
+
+
+def test_no_watchdog_line_unless_the_limit_was_chosen(tiny_cli_run, capfd):
+    from steersweep.core.runtime import watchdog
+
+    r, _, _ = tiny_cli_run
+    assert "[watchdog]" not in r.stderr + r.stdout  # the default 3600 s load limit is not news
+    with watchdog(3600.0, "loading x"):
+        pass
+    assert "[watchdog]" not in capfd.readouterr().err
+    with watchdog(600.0, "loading x"):  # memory.load_timeout_s=600: said once
+        pass
+    assert capfd.readouterr().err.count("[watchdog] loading x:") == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from conftest import ROOT
+from helpers.checkout import ROOT
 
 SOURCES = [p for d in ("src", "benchmarks") for p in (ROOT / d).rglob("*.py")] + [ROOT / "run_experiment.py"]
 

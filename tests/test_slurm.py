@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import FP32, PRESET, ROOT
+from helpers.checkout import ROOT
+from helpers.config import FP32, PRESET
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 LOCAL = ["--partition=debug", "--gpus-per-node=0", "--mem=3G", "--cpus-per-task=2"]  # 2 threads: the cores

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers.models import tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf

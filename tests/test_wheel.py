@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from conftest import ROOT, readme_block
+from helpers.checkout import ROOT, readme_block
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import websocket
-from conftest import ROOT, tiny_checkpoint
+from helpers.checkout import ROOT
+from helpers.models import tiny_checkpoint
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 HOSTILE = "</script><script>window.pwned = 1</script> <!-- & <b>bold</b>"
@@ -237,7 +238,7 @@ def test_hostile_text_stays_text(browser, tmp_path):
 def test_variants_and_layer_sets_in_the_browser(browser, tmp_path):
     """Two methods x two modes x layer sets "10" and "10+14": a variant filter, and a click on a
     multi-layer cell shows that cell's completion beside alpha 0 of the same variant and layers."""
-    from test_reporting import variant_table
+    from helpers.tables import variant_table
 
     from steersweep.reporting.write import write_report
 

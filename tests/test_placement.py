@@ -5,11 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from test_config import make
+from helpers.checkout import ROOT
+from helpers.config import make
 
 from steersweep.pipeline.tasks import plan
-
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def test_llama70b_plan_on_stated_hardware(capsys):

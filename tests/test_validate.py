@@ -19,12 +19,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import config
+from helpers.checkout import CONF, ROOT
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from steersweep.core.config import register_configs
 from steersweep.core.errors import USER_ERRORS, ConfigError, ResultsError
 from steersweep.pipeline.validate import validate_static
 from steersweep.runs.folder import RunFolder
@@ -32,20 +32,12 @@ from steersweep.vectors.vectorset import VectorSet, save
 
 pytestmark = pytest.mark.badinput
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
 EMBEDDED = ROOT / ".cache" / "smollm2-135m-instruct"  # its config.json: 30 layers, hidden size 576
 HIDDEN, N_LAYERS = 576, 30
-register_configs()
 
 
 def make(*overrides: str, **sets):
-    """Compose the real config; `sets` are assigned after composing (paths need no override quoting)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["progress=false", *overrides])
-    for key, value in sets.items():
-        OmegaConf.update(cfg, key.replace("__", "."), value, merge=False)
-    return cfg
+    return config.make("progress=false", *overrides, **sets)
 
 
 def one_line(e: BaseException) -> str:
@@ -412,7 +404,7 @@ def test_prompt_error_is_a_user_error():
 
 def test_prompt_longer_than_context(tmp_path, tokenizer):
     """Needs the tokenizer, so it runs after loading: generate_batches on the tiny random Llama."""
-    from conftest import tiny_llama
+    from helpers.models import tiny_llama
 
     from steersweep.pipeline.sweep import generate_batches
     from steersweep.runs.grid import Batch, Cell
@@ -833,7 +825,7 @@ def test_cli_refuses(setup, match, tmp_path):
 
 
 def test_corpus_size():
-    """The issue asks for at least 30 bad inputs; keep the docs table in step with this file."""
+    """At least 30 bad inputs are kept; keep the docs table in step with this file."""
     n = len(STATIC) + len(TYPED) + len(VECTOR_FILES) + len(DATASETS)
     assert n >= 30
     doc = (ROOT / "docs" / "bad-inputs.md").read_text()

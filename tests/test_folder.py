@@ -1,4 +1,4 @@
-"""Part files, resume set and merge."""
+"""The run folder (runs.folder): part files, the resume set, the merge, secrets scrubbed."""
 
 from __future__ import annotations
 

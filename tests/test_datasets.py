@@ -8,8 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from helpers.config import make
 
 from steersweep.core import config
 from steersweep.core.config import register_configs
@@ -18,7 +17,6 @@ from steersweep.inputs import datasets
 from steersweep.inputs.datasets import load_behavior_items, load_pairs, load_prompts, split_ab
 from steersweep.inputs.records import content_id
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()
 
 # Written for these tests in the layouts of CAA's released A/B files (a JSON array, 4-space indent):
@@ -343,14 +341,6 @@ def test_unknown_name_lists_shipped_datasets():
 # End to end: validate_inputs on the composed config, every dataset a CAA file
 
 
-def make(*overrides: str, **sets):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    for key, value in sets.items():
-        OmegaConf.update(cfg, key.replace("__", "."), value, merge=False)
-    return cfg
-
-
 def test_validate_inputs_reads_caa_files(caa_ab, tmp_path):
     from steersweep.core.errors import ConfigError
     from steersweep.pipeline.validate import validate_inputs
@@ -428,7 +418,7 @@ def test_sweep_on_a_caa_file_names_what_it_steers(tiny, embedded_dir, tmp_path):
     """The CAA command of the README without vectors.concept: folder, rows, vector ids and the saved
     vectors say `refusal`, not the default dataset's `sentiment`."""
     import pandas as pd
-    from conftest import tiny_checkpoint
+    from helpers.models import tiny_checkpoint
 
     import steersweep as ss
     from steersweep.vectors.vectorset import load
