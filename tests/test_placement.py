@@ -51,3 +51,16 @@ def test_plan_names_the_grid_axes_and_their_cells(capsys):
     assert "grid: 3 prompts x 2 methods x 2 modes x 3 layer sets x 2 alphas = 72 cells" in "\n".join(plan(cfg)[1])
     said = plan(make("task=plan", "memory.plan_hardware=[1x24GiB]", "prompts.limit=3"))[1]
     assert "grid: 3 prompts x 3 layers x 5 alphas = 45 cells" in "\n".join(said)
+
+
+def test_a_plan_without_a_gpu_says_so():
+    """A budget with only the CPU in it (a CPU machine, `task=plan` there): no "spills ... off the GPUs"."""
+    import torch
+
+    from steersweep.model.checkpoint import _shipped_config
+    from steersweep.model.placement import plan_device_map
+
+    config = _shipped_config(make("model=smollm2_135m").model)
+    text = plan_device_map(config, {"cpu": 64 * 2**30}, torch.bfloat16, hardware="CPU").render()
+    assert text.startswith("== CPU: no GPU: every layer is placed and runs on the CPU, 2 bytes/param"), text
+    assert "GPUs" not in text and "None" not in text, text
