@@ -25,6 +25,7 @@ from .targets import evaluate
 # seconds per check on the GPU node (the dry run gives each DRY_LIMIT); the whole run: --budget-s
 LIMITS = {"split": 120, "throughput": 150, "spill70b": 210, "load8b": 210}
 DRY_LIMIT = 900
+GRACE_S = 15  # after SIGTERM at a check's limit, before SIGKILL
 # Which transformers the node runs, and why (docs/gpu.md): its own.
 TRANSFORMERS = (
     "the node's own transformers 5.17 (with its accelerate 1.15 and huggingface-hub 1.33): pyproject's lower "
@@ -44,6 +45,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def run_check(name: str, args: argparse.Namespace, limit: float, log) -> dict:
     """One check in its own process group; killed with its children when `limit` passes."""
     scale = "dry" if args.dry_run else "gpu"
@@ -54,15 +62,17 @@ def run_check(name: str, args: argparse.Namespace, limit: float, log) -> dict:
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    timed_out = False
     try:
         p.wait(timeout=limit)
-        timed_out = False
     except subprocess.TimeoutExpired:
         timed_out = True
-    try:
-        os.killpg(p.pid, signal.SIGKILL)  # also what the check started (sweeps through run_experiment.py)
-    except ProcessLookupError:
-        pass
+        _signal_group(p.pid, signal.SIGTERM)  # the check writes what it has measured so far
+        try:
+            p.wait(timeout=GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+    _signal_group(p.pid, signal.SIGKILL)  # also what the check started (sweeps through run_experiment.py)
     p.wait()
     wall = round(time.monotonic() - t0, 2)
     path = args.out / f"{name}.json"

@@ -27,7 +27,7 @@ def _fraction(weights: int, scale: Scale) -> float:
     return (2 * weights / 3) / torch.cuda.get_device_properties(0).total_memory
 
 
-def run(scale: Scale, kit: Path, work: Path, log) -> dict:
+def run(scale: Scale, kit: Path, work: Path, log, partial: dict) -> dict:
     import pandas as pd
 
     from steersweep.core.config import MemoryConfig, ModelConfig
@@ -37,12 +37,14 @@ def run(scale: Scale, kit: Path, work: Path, log) -> dict:
     model = random_model(cfg, torch.bfloat16, scale.device)
     weights = weight_bytes(model)
     ckpt, write_s, on_disk = write_checkpoint(model, kit, work / "llama8b")
+    partial.update(model=NAME, weight_bytes=weights, checkpoint_bytes=on_disk, checkpoint_write_seconds=write_s)
     del model
     free(scale.device)
     fraction = _fraction(weights, scale)
     mem = MemoryConfig(gpu_fraction=fraction, cpu="auto", load_timeout_s=240)
     model, _, info = load_model(ModelConfig(name="llama8b", path=str(ckpt), dtype="bfloat16"), mem)
     layers = info["layers_per_device"]
+    partial.update(load_seconds=info["load_seconds"], layers_per_device=layers, gpu_fraction=fraction)
     del model
     free(scale.device)
     n = cfg.num_hidden_layers

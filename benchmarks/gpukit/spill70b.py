@@ -48,7 +48,7 @@ def materialise(config, device_map: dict, main: str):
     return dispatch_model(model, device_map=device_map, main_device=0)  # accelerate's main device: GPU 0
 
 
-def run(scale: Scale, kit: Path, work: Path, log) -> dict:
+def run(scale: Scale, kit: Path, work: Path, log, partial: dict) -> dict:
     from steerbench.workload import min_new_tokens
 
     from steersweep.core.config import MemoryConfig
@@ -65,7 +65,10 @@ def run(scale: Scale, kit: Path, work: Path, log) -> dict:
     hardware = f"{len(totals) - ('cpu' in totals)} GPU(s) + CPU" if scale.cuda else "CPU"
     plan = plan_device_map(cfg, budget, torch.bfloat16, hardware=hardware, seq_len=seq, totals=totals)
     main = "cuda:0" if scale.cuda else "cpu"
+    partial["plan"] = {"render": plan.render(), "bytes_per_device": plan.bytes_per_device}
+    t0 = time.perf_counter()
     model = materialise(cfg, plan.device_map, main)
+    partial["materialise_seconds"] = round(time.perf_counter() - t0, 2)
     sync(scale.device)
     gpu_after_load = torch.cuda.memory_allocated(0) if scale.cuda else 0
     layer_names, head = module_names(model)
@@ -76,7 +79,7 @@ def run(scale: Scale, kit: Path, work: Path, log) -> dict:
     n = cfg.num_hidden_layers
     vec = vectors(n, cfg.hidden_size)
     layers = [round(n * f) for f in (0.25, 0.33, 0.4, 0.5, 0.6)]
-    grids = []
+    grids = partial.setdefault("grids", [])
     with min_new_tokens(model, scale.spill_tokens):
         generate_rows(model, tok, ids[:1], [(layers[0], 1.0, vec[layers[0]])], gen_config(2))  # warm-up
         for rows in scale.spill_rows:

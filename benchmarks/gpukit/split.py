@@ -165,7 +165,7 @@ def _killed_and_resumed(ckpt: Path, n_layers: int, scale: Scale, work: Path, log
             "unique_cells_resumed": int(y.cell_id.nunique()), "equal_rows": equal, "differing_columns": differing}  # fmt: skip
 
 
-def run(scale: Scale, kit: Path, work: Path, log) -> dict:
+def run(scale: Scale, kit: Path, work: Path, log, partial: dict) -> dict:
     import torch
 
     cfg = shipped_config(NAME, scale)
@@ -174,7 +174,8 @@ def run(scale: Scale, kit: Path, work: Path, log) -> dict:
     f32_layers = sum(p.numel() * 4 for p in model.model.layers.parameters())
     ckpt, _, _ = write_checkpoint(model, kit, work / "small")
     del model
-    out = {"model": NAME, "weights_float32_bytes": f32}
+    out = partial
+    out.update(model=NAME, weights_float32_bytes=f32)
     out["split"] = _whole_and_split(ckpt, scale, work, f32, f32_layers)
     out["bf16_agreement"] = _bf16_agreement(ckpt, scale)
     out["bf16_resume"] = _killed_and_resumed(ckpt, cfg.num_hidden_layers, scale, work, log)

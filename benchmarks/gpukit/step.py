@@ -1,8 +1,10 @@
 """One check in its own process: `python -m gpukit.step NAME --out DIR --scale gpu|dry --kit KIT`.
 
-Writes DIR/NAME.json: {"result": ...} or {"error": "...", "traceback": "..."}. The orchestrator
-(`python -m gpukit`) runs each check this way under its own time limit and kills its process group
-when the limit passes, so a hang in one check cannot eat the run.
+Writes DIR/NAME.json: {"result": ...} or {"error": "...", "traceback": "...", "partial": ...}. A check
+fills `partial` as it goes, so a check stopped at its limit still reports what it measured. The
+orchestrator (`python -m gpukit`) runs each check this way under its own time limit: when the limit
+passes it sends SIGTERM (here: a TimeoutError, the partial results written), then SIGKILL to the whole
+process group, so a hang in one check cannot eat the run.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import importlib
 import json
 import logging
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -19,6 +22,10 @@ import traceback
 from pathlib import Path
 
 CHECKS = ("split", "throughput", "spill70b", "load8b")
+
+
+def _stopped(signum, frame) -> None:
+    raise TimeoutError("stopped at the check's time limit (SIGTERM from the orchestrator)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,12 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s", stream=sys.stdout)
     work = a.work or Path(tempfile.mkdtemp(prefix=f"gpukit-{a.name}-"))
     t0 = time.perf_counter()
+    partial: dict = {}
+    signal.signal(signal.SIGTERM, _stopped)
     try:
-        result = importlib.import_module(f"gpukit.{a.name}").run(SCALES[a.scale], a.kit, work, sys.stdout)
+        result = importlib.import_module(f"gpukit.{a.name}").run(SCALES[a.scale], a.kit, work, sys.stdout, partial)
         doc = {"result": result}
     except Exception as e:  # the orchestrator records it and goes on with the next check
         traceback.print_exc()
-        doc = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:500], "traceback": traceback.format_exc()}
+        doc = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:500], "traceback": traceback.format_exc(),
+               "partial": partial}  # fmt: skip
     finally:
         if a.work is None:
             shutil.rmtree(work, ignore_errors=True)

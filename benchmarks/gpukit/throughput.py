@@ -69,7 +69,7 @@ def _batch1(model, tok, scale: Scale, device: torch.device, bandwidth: float) ->
             "weight_bytes_per_s": wb * tok_s, "fraction_of_bandwidth_bound": wb * tok_s / bandwidth}  # fmt: skip
 
 
-def run(scale: Scale, kit: Path, work: Path, log) -> dict:
+def run(scale: Scale, kit: Path, work: Path, log, partial: dict) -> dict:
     from steerbench import machine as mach
     from steerbench.methods import grid, per_cell, per_setting
     from steerbench.profile import profile_step
@@ -82,12 +82,16 @@ def run(scale: Scale, kit: Path, work: Path, log) -> dict:
     bw = mach.copy_bandwidth(device, scale.copy_bytes)
     peak = mach.gemm_peak(torch.bfloat16, device, scale.gemm_n)
     subset = list(range(scale.tput_subset))
+    partial.update(copy_bandwidth_bytes_per_s=bw, bf16_matmul_flop_per_s=peak)
     with min_new_tokens(model, w.tokens):
         ours = grid.run(model, tok, w, 0, device)
+        partial["grid"] = ours.summary()
         setting = per_setting.run(model, tok, w, device, only=subset)
+        partial["per_setting"] = setting.summary()
         cell = per_cell.run(model, tok, w, device, only=subset)
-        hf = _hf_generate(model, tok, w, device)
-        b1 = _batch1(model, tok, scale, device, bw)
+        partial["per_cell"] = cell.summary()
+        hf = partial["hf_generate"] = _hf_generate(model, tok, w, device)
+        b1 = partial["batch1"] = _batch1(model, tok, scale, device, bw)
         prof = profile_step(model, tok, w, list(range(len(w.cells))), device)
     rows = len(w.cells)
     step_s = rows / ours.tok_per_s  # one decoding step of the whole batch
