@@ -78,7 +78,9 @@ def test_throughput_times_every_method_on_the_same_workload(dry):
         assert r[m]["tokens"] > 0 and r[m]["tok_per_s"] > 0, m
     assert r["grid"]["rows"] == r["rows"] and r["grid"]["tokens"] == r["rows"] * r["tokens_per_row"]  # EOS masked
     assert r["hf_generate"]["tokens"] == r["rows"] * r["tokens_per_row"]
-    assert 0 < r["batch1"]["fraction_of_bandwidth_bound"] and r["profile_grid_step"]["top_ops"]
+    assert 0 < r["batch1"]["fraction_of_bandwidth_bound"]
+    for prof in (r["profile_grid_step"], r["profile_batch1_step"]):
+        assert prof["top_ops"] and 0 < prof["kernel_share"] <= 1 and prof["gap_share"] >= 0
 
 
 def test_spill_and_load_go_through_the_planner_loader_and_a_real_sweep(dry):

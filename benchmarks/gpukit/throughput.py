@@ -6,8 +6,9 @@ steering-vectors library per setting, one cell per call, and unsteered HF `gener
 batch; the last two and the library on `tput_subset` settings (tok/s is a rate). Batch-1 decoding
 against the bandwidth bound (weight bytes per token over the measured device-to-device copy
 bandwidth); the grid's step against its bound at that batch (the larger of weight bytes over the
-bandwidth and FLOPs over the measured bf16 matmul peak). A profile of one grid step is always taken:
-docs/gpu.md reads it for whichever target is missed.
+bandwidth and FLOPs over the measured bf16 matmul peak). Profiles of one grid step and one batch-1
+step are always taken (kernel time against launch and Python gaps, the top operators): docs/gpu.md
+reads them for whichever target is missed.
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ def _batch1(model, tok, scale: Scale, device: torch.device, bandwidth: float) ->
             "weight_bytes_per_s": wb * tok_s, "fraction_of_bandwidth_bound": wb * tok_s / bandwidth}  # fmt: skip
 
 
+def _with_gaps(prof: dict) -> dict:
+    """The profile with kernel time vs the rest of the step (kernel launches, Python, hooks): the shares of
+    the profiled step's wall time spent in operators (device time on CUDA) and outside them."""
+    s = prof["share_of_profiled_step"]
+    kernels = s["gemm"] + s["attention"] + s["other_ops"]
+    return {**prof, "kernel_share": kernels, "gap_share": max(0.0, 1.0 - kernels)}
+
+
 def run(scale: Scale, kit: Path, work: Path, log, partial: dict) -> dict:
     from steerbench import machine as mach
     from steerbench.methods import grid, per_cell, per_setting
@@ -92,7 +101,8 @@ def run(scale: Scale, kit: Path, work: Path, log, partial: dict) -> dict:
         partial["per_cell"] = cell.summary()
         hf = partial["hf_generate"] = _hf_generate(model, tok, w, device)
         b1 = partial["batch1"] = _batch1(model, tok, scale, device, bw)
-        prof = profile_step(model, tok, w, list(range(len(w.cells))), device)
+        prof = _with_gaps(profile_step(model, tok, w, list(range(len(w.cells))), device))
+        prof1 = _with_gaps(profile_step(model, tok, w, [0], device))
     rows = len(w.cells)
     step_s = rows / ours.tok_per_s  # one decoding step of the whole batch
     context = w.padded_prompt_len + w.tokens / 2
@@ -108,7 +118,7 @@ def run(scale: Scale, kit: Path, work: Path, log, partial: dict) -> dict:
         "grid_vs_hf_generate": ours.tok_per_s / hf["tok_per_s"],
         "grid_vs_per_cell": ours.tok_per_s / cell.tok_per_s,
         "equal_tokens_grid_vs_per_cell": sum(ours.out[i] == cell.out[i] for i in subset), "compared_cells": len(subset),
-        "profile_grid_step": prof,
+        "profile_grid_step": prof, "profile_batch1_step": prof1,
     }  # fmt: skip
     del model
     free(scale.device)
