@@ -43,6 +43,7 @@ def _load(ckpt: Path, dtype: str, mem):
 
 def _whole_and_split(ckpt: Path, scale: Scale, work: Path, f32_bytes: int, f32_layers: int) -> dict:
     import torch
+    from steerbench.workload import min_new_tokens
 
     from steersweep.core.config import MemoryConfig
     from steersweep.generation.decode import generate_rows
@@ -66,7 +67,7 @@ def _whole_and_split(ckpt: Path, scale: Scale, work: Path, f32_bytes: int, f32_l
     rows = [p for p in ids for _ in steering]
     st = steering * len(ids)
     gen = gen_config(scale.split_tokens)
-    with _forced(whole, scale.split_tokens), _forced(split, scale.split_tokens):
+    with min_new_tokens(whole, scale.split_tokens), min_new_tokens(split, scale.split_tokens):
         ref = generate_rows(whole, tok, rows, st, gen)
         got = generate_rows(split, tok, rows, st, gen)
     equal = sum(a.token_ids == b.token_ids for a, b in zip(ref, got, strict=True))
@@ -81,22 +82,9 @@ def _whole_and_split(ckpt: Path, scale: Scale, work: Path, f32_bytes: int, f32_l
     return out
 
 
-class _forced:
-    """EOS masked until `tokens`, so every row decodes the full length (generate_rows reads the model's
-    generation config)."""
-
-    def __init__(self, model, tokens: int):
-        self.model, self.tokens = model, tokens
-
-    def __enter__(self):
-        self.old = self.model.generation_config.min_new_tokens
-        self.model.generation_config.min_new_tokens = self.tokens
-
-    def __exit__(self, *exc):
-        self.model.generation_config.min_new_tokens = self.old
-
-
 def _bf16_agreement(ckpt: Path, scale: Scale) -> dict:
+    from steerbench.workload import min_new_tokens
+
     from steersweep.core.config import MemoryConfig
     from steersweep.generation.decode import generate_rows
 
@@ -107,7 +95,7 @@ def _bf16_agreement(ckpt: Path, scale: Scale) -> dict:
     cells = [(p, (layer, a, vec[layer])) for p in prompt_ids(tok, scale.agree_prompts) for layer in layers
              for a in (0.0, 2.0, 4.0)]  # fmt: skip
     gen = gen_config(scale.agree_tokens)
-    with _forced(model, scale.agree_tokens):
+    with min_new_tokens(model, scale.agree_tokens):
         grid = generate_rows(model, tok, [p for p, _ in cells], [s for _, s in cells], gen)
         single = [generate_rows(model, tok, [p], [s], gen)[0] for p, s in cells]
     same = sum(a.token_ids == b.token_ids for a, b in zip(grid, single, strict=True))
