@@ -101,10 +101,6 @@ def write_checkpoint(model, kit: Path, folder: Path, shard: str = "2GB") -> tupl
     return folder, round(time.perf_counter() - t0, 2), size
 
 
-def weight_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def vectors(n_layers: int, hidden: int, norm: float = 8.0) -> dict[int, torch.Tensor]:
     """A random steering vector per layer (the models are random: any direction steers as well)."""
     g = torch.Generator().manual_seed(1)
@@ -134,11 +130,6 @@ def gen_config(tokens: int):
     from steersweep.core.config import GenerationConfig
 
     return OmegaConf.structured(GenerationConfig(max_new_tokens=tokens))
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def free(device: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .common import Scale, cli, free, random_model, shipped_config, weight_bytes, write_checkpoint
+from .common import Scale, cli, free, random_model, shipped_config, write_checkpoint
 
 NAME = "llama3_8b_instruct"
 
@@ -29,13 +29,14 @@ def _fraction(weights: int, scale: Scale) -> float:
 
 def run(scale: Scale, kit: Path, work: Path, log, partial: dict) -> dict:
     import pandas as pd
+    from steerbench.machine import param_counts
 
     from steersweep.core.config import MemoryConfig, ModelConfig
     from steersweep.model.loading import load_model
 
     cfg = shipped_config(NAME, scale)
     model = random_model(cfg, torch.bfloat16, scale.device)
-    weights = weight_bytes(model)
+    weights = param_counts(model)[1]
     ckpt, write_s, on_disk = write_checkpoint(model, kit, work / "llama8b")
     partial.update(model=NAME, weight_bytes=weights, checkpoint_bytes=on_disk, checkpoint_write_seconds=write_s)
     del model

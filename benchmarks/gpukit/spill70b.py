@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .common import Scale, free, gen_config, prompt_ids, shipped_config, sync, tokenizer, vectors
+from .common import Scale, free, gen_config, prompt_ids, shipped_config, tokenizer, vectors
 
 NAME = "llama3_70b_instruct"
 
@@ -49,6 +49,7 @@ def materialise(config, device_map: dict, main: str):
 
 
 def run(scale: Scale, kit: Path, work: Path, log, partial: dict) -> dict:
+    from steerbench.machine import sync
     from steerbench.workload import min_new_tokens
 
     from steersweep.core.config import MemoryConfig
@@ -65,11 +66,12 @@ def run(scale: Scale, kit: Path, work: Path, log, partial: dict) -> dict:
     hardware = f"{len(totals) - ('cpu' in totals)} GPU(s) + CPU" if scale.cuda else "CPU"
     plan = plan_device_map(cfg, budget, torch.bfloat16, hardware=hardware, seq_len=seq, totals=totals)
     main = "cuda:0" if scale.cuda else "cpu"
+    device = torch.device(main)
     partial["plan"] = {"render": plan.render(), "bytes_per_device": plan.bytes_per_device}
     t0 = time.perf_counter()
     model = materialise(cfg, plan.device_map, main)
+    sync(device)
     partial["materialise_seconds"] = round(time.perf_counter() - t0, 2)
-    sync(scale.device)
     gpu_after_load = torch.cuda.memory_allocated(0) if scale.cuda else 0
     layer_names, head = module_names(model)
     shares = execution_shares(plan.device_map, layer_names, head)
@@ -85,11 +87,11 @@ def run(scale: Scale, kit: Path, work: Path, log, partial: dict) -> dict:
         for rows in scale.spill_rows:
             steering = [(layers[i % len(layers)], 1.0 + i / 64, vec[layers[i % len(layers)]]) for i in range(rows)]
             if scale.cuda:
-                sync(scale.device)
+                sync(device)
                 torch.cuda.reset_peak_memory_stats(0)
             t0 = time.perf_counter()
             outs = generate_rows(model, tok, ids[:rows], steering, gen_config(scale.spill_tokens))
-            sync(scale.device)
+            sync(device)
             s = time.perf_counter() - t0
             tokens = sum(o.n_new_tokens for o in outs)
             peak = torch.cuda.max_memory_allocated(0) if scale.cuda else None

@@ -27,7 +27,6 @@ from .common import (
     random_model,
     shipped_config,
     vectors,
-    weight_bytes,
     write_checkpoint,
 )
 
@@ -38,7 +37,7 @@ def _load(ckpt: Path, dtype: str, mem):
     from steersweep.core.config import ModelConfig
     from steersweep.model.loading import load_model
 
-    return load_model(ModelConfig(name="small", path=str(ckpt), dtype=dtype, config_json=None), mem)
+    return load_model(ModelConfig(name="small", path=str(ckpt), dtype=dtype), mem)
 
 
 def _whole_and_split(ckpt: Path, scale: Scale, work: Path, f32_bytes: int, f32_layers: int) -> dict:
@@ -155,10 +154,11 @@ def _killed_and_resumed(ckpt: Path, n_layers: int, scale: Scale, work: Path, log
 
 def run(scale: Scale, kit: Path, work: Path, log, partial: dict) -> dict:
     import torch
+    from steerbench.machine import param_counts
 
     cfg = shipped_config(NAME, scale)
     model = random_model(cfg, torch.bfloat16, "cpu")
-    f32 = weight_bytes(model) * 2
+    f32 = param_counts(model)[1] * 2
     f32_layers = sum(p.numel() * 4 for p in model.model.layers.parameters())
     ckpt, _, _ = write_checkpoint(model, kit, work / "small")
     del model

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .common import Scale, free, prompt_ids, random_model, shipped_config, tokenizer, vectors, weight_bytes
+from .common import Scale, free, prompt_ids, random_model, shipped_config, tokenizer, vectors
 
 NAME = "llama3_8b_instruct"
 
@@ -51,7 +51,7 @@ def _hf_generate(model, tok, w, device: torch.device) -> dict:
     return {"rows": len(w.cells), "tokens": tokens, "seconds": s, "tok_per_s": tokens / s}
 
 
-def _batch1(model, tok, scale: Scale, device: torch.device, bandwidth: float) -> dict:
+def _batch1(model, tok, scale: Scale, device: torch.device, bandwidth: float, wb: int) -> dict:
     from steerbench.machine import timed
 
     from steersweep.generation.decode import generate_rows
@@ -65,7 +65,6 @@ def _batch1(model, tok, scale: Scale, device: torch.device, bandwidth: float) ->
     out, s = timed(lambda: generate_rows(model, tok, p, [(layer, 2.0, v[layer])], gen_config(scale.batch1_tokens)),
                    device)  # fmt: skip
     tok_s = out[0].n_new_tokens / s
-    wb = weight_bytes(model)
     return {"tokens": out[0].n_new_tokens, "seconds": s, "tok_per_s": tok_s, "weight_bytes": wb,
             "weight_bytes_per_s": wb * tok_s, "fraction_of_bandwidth_bound": wb * tok_s / bandwidth}  # fmt: skip
 
@@ -91,6 +90,7 @@ def run(scale: Scale, kit: Path, work: Path, log, partial: dict) -> dict:
     bw = mach.copy_bandwidth(device, scale.copy_bytes)
     peak = mach.gemm_peak(torch.bfloat16, device, scale.gemm_n)
     subset = list(range(scale.tput_subset))
+    wb = mach.param_counts(model)[1]  # weight bytes, tied weights once
     partial.update(copy_bandwidth_bytes_per_s=bw, bf16_matmul_flop_per_s=peak)
     with min_new_tokens(model, w.tokens):
         ours = grid.run(model, tok, w, 0, device)
@@ -100,13 +100,12 @@ def run(scale: Scale, kit: Path, work: Path, log, partial: dict) -> dict:
         cell = per_cell.run(model, tok, w, device, only=subset)
         partial["per_cell"] = cell.summary()
         hf = partial["hf_generate"] = _hf_generate(model, tok, w, device)
-        b1 = partial["batch1"] = _batch1(model, tok, scale, device, bw)
+        b1 = partial["batch1"] = _batch1(model, tok, scale, device, bw, wb)
         prof = _with_gaps(profile_step(model, tok, w, list(range(len(w.cells))), device))
         prof1 = _with_gaps(profile_step(model, tok, w, [0], device))
     rows = len(w.cells)
     step_s = rows / ours.tok_per_s  # one decoding step of the whole batch
     context = w.padded_prompt_len + w.tokens / 2
-    wb = weight_bytes(model)
     bound_s = max(wb / bw, rows * mach.flops_per_token(model, context) / peak)
     out = {
         "model": NAME, "rows": rows, "tokens_per_row": w.tokens, "weight_bytes": wb,

@@ -85,7 +85,7 @@ class Placement:
             else f"{self.weight_bytes_per_param:g} bytes/param"  # fmt: skip
         if self.fits_on_gpus:
             head = f"weights fit on the GPUs, {weights}"
-        elif self.runs_on is None and not any(str(d).isdigit() for d in self.bytes_per_device):
+        elif not any(str(d).isdigit() for d in self.bytes_per_device):  # nothing on a GPU
             head = f"no GPU: every layer is placed and runs on the CPU{' or disk' if 'disk' in self.bytes_per_device else ''}, {weights}"
         else:
             spilled = sum(n for d, n in self.layers_per_device.items() if d in ("cpu", "disk"))
